@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
-from torch.nn import functional as F
 
 from model import augment, checkpoint
 from model.data import Dataset, Split
@@ -134,7 +133,9 @@ class TrainConfig(BaseModel):
             try:
                 torch.device(value)
             except RuntimeError as exc:
-                raise ValueError(f"not a device: {value!r} (use auto, cpu, cuda or cuda:N)") from exc
+                raise ValueError(
+                    f"not a device: {value!r} (use auto, cpu, cuda or cuda:N)"
+                ) from exc
         return value
 
     def hash(self) -> str:
@@ -392,7 +393,8 @@ def _make_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int)
                                 nesterov=True, weight_decay=config.weight_decay,
                                 fused=on_cuda or None)
     total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+    # Short runs (the smoke and quick profiles) would otherwise end inside the warm-up.
+    warmup = min(total // 4, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup, total))
     return optimizer, scheduler, True
 

@@ -1,0 +1,128 @@
+"""The training flow: prepare data, train each variant and seed, promote, optionally score.
+
+Jobs run one after another on a single device, and side by side, one per GPU, when
+several GPUs are visible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import mlflow
+import torch
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.train import TrainConfig as ModelConfig
+from tasks.data import log_dataset, prepare_data
+from tasks.promote import Promotion, promote
+from tasks.settings import Settings
+from tasks.training import Job, VariantResult, train_variant
+
+
+class TrainConfig(BaseModel):
+    """Parameters of the training flow; the Prefect UI renders them as its form.
+    Unset numbers take the recipe's defaults (model/train.py, RECIPE_DEFAULTS)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variants: list[Literal["deep", "light"]] = Field(["deep", "light"], min_length=1)
+    recipe: Literal["reference", "paper", "fast"] = "fast"
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    batch_size: int | None = Field(None, ge=1, le=65_536)
+    lr: float | None = Field(None, gt=0, le=10)
+    cutout: int | None = Field(None, ge=0, le=32)
+    seeds: list[int] = Field([0], min_length=1, description="one job per variant and seed")
+    data_source: str | None = Field(
+        None, description="path, file:// or s3:// URI; default $CIFAR10_SOURCE, else download"
+    )
+    val_size: int = Field(5000, ge=1, description="images held out of training for validation")
+    train_size: int | None = Field(None, ge=1, description="train on a stratified subset")
+    split_seed: int = Field(0, ge=0, description="seeds the validation hold-out")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool = False
+    score_after: bool = Field(False, description="score the competition file after promotion")
+    competition_file: str | None = Field(None, description="input of the scoring step")
+    run_key: str | None = Field(
+        None, description="runs with the same key share checkpoints; default: the flow run id"
+    )
+
+    @field_validator("lr")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"seeds must be distinct and non-negative, got {value}")
+        return value
+
+    def model_configs(self) -> list[ModelConfig]:
+        """One model config per variant and seed; validates them all before any work."""
+        overrides = {k: v for k, v in dict(epochs=self.epochs, batch_size=self.batch_size,
+                                            lr=self.lr, cutout=self.cutout).items()
+                     if v is not None}
+        return [ModelConfig(recipe=self.recipe, variant=variant, seed=seed, device=self.device,
+                            compile=self.compile, **overrides)
+                for variant in self.variants for seed in self.seeds]
+
+
+@flow(name="train-resnets", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen default)
+    logger = get_run_logger()
+    settings = Settings.from_env()
+    settings.apply()
+    configs = config.model_configs()
+    run_key = config.run_key or str(get_run_context().flow_run.id)
+
+    with mlflow.start_run(run_name=f"train-resnets {run_key[:8]}") as parent:
+        mlflow.log_params({"flow." + k: v for k, v in config.model_dump().items()})
+        data = prepare_data(settings, config.data_source, config.val_size, config.train_size,
+                            config.split_seed)
+        log_dataset(data)
+        jobs = [Job(c, run_key) for c in _place_on_devices(configs)]
+        futures = [train_variant.submit(job, data, settings, parent.info.run_id)
+                   for job in jobs] if _gpu_count() > 1 else None
+        results: list[VariantResult] = (
+            [f.result() for f in futures] if futures is not None
+            else [train_variant(job, data, settings, parent.info.run_id) for job in jobs]
+        )
+        decision: Promotion = promote(results, data, settings)
+        mlflow.set_tag("champion_version", decision.champion_version or "")
+
+    summary = {
+        "run_key": run_key,
+        "mlflow_run_id": parent.info.run_id,
+        "versions": {f"{r.variant}-seed{r.seed}": r.version for r in results},
+        "val_acc": {f"{r.variant}-seed{r.seed}": r.val_acc for r in results},
+        "champion": decision.champion_version,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "data_digest": data.digest,
+    }
+    if config.score_after:
+        from flows.score import ScoreConfig, score
+
+        summary["score"] = score(ScoreConfig(input_uri=config.competition_file))
+    logger.info("champion: version %s (%s)", decision.champion_version, decision.reason)
+    return summary
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _place_on_devices(configs: list[ModelConfig]) -> list[ModelConfig]:
+    """With several GPUs and device=auto, job i goes to GPU i mod count."""
+    n = _gpu_count()
+    if n <= 1:
+        return configs
+    return [c.model_copy(update={"device": f"cuda:{i % n}"}) if c.device == "auto" else c
+            for i, c in enumerate(configs)]

@@ -1,0 +1,71 @@
+"""The data task: resolve the source, load and split it, record it in MLflow."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NONE
+
+from model.data import Dataset, InvalidInputError, load_dataset
+from tasks.settings import Settings
+
+TORCHVISION = "torchvision"
+
+
+def resolve_source(configured: str | None) -> tuple[str, str]:
+    """(source, where it came from): the flow config, then CIFAR10_SOURCE, then torchvision."""
+    if configured:
+        return configured, "the flow configuration"
+    if os.environ.get("CIFAR10_SOURCE"):
+        return os.environ["CIFAR10_SOURCE"], "CIFAR10_SOURCE"
+    return TORCHVISION, "the default (torchvision's download)"
+
+
+@task(name="prepare-data", cache_policy=NONE, persist_result=False)
+def prepare_data(
+    settings: Settings,
+    source: str | None,
+    val_size: int,
+    train_size: int | None,
+    seed: int,
+) -> Dataset:
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    resolved, origin = resolve_source(source)
+    logger.info("data source %s (from %s)", resolved, origin)
+    try:
+        data = load_dataset(resolved, val_size=val_size, seed=seed, train_size=train_size,
+                            cache_dir=settings.cache_dir)
+    except InvalidInputError as exc:
+        if resolved == TORCHVISION:
+            raise InvalidInputError(
+                f"{exc}. No data source was configured: set CIFAR10_SOURCE or pass one "
+                "(--data on the command line, data_source in the flow's parameters) to a "
+                "cifar-10-python folder or .tar.gz, a Parquet file, or an s3:// URI"
+            ) from exc
+        raise
+    logger.info(
+        "dataset %s: %d training, %d validation%s images",
+        data.digest[:12], len(data.train), len(data.val),
+        f", {len(data.test)} test" if data.test is not None else "",
+    )
+    return data
+
+
+def log_dataset(data: Dataset) -> None:
+    """Record the splits as inputs of the active MLflow run, named by their digests."""
+    for context, split in (("training", data.train), ("validation", data.val)):
+        dataset = mlflow.data.from_numpy(
+            split.images, targets=split.labels, source=_source_uri(data.source),
+            name=f"cifar10-{context}", digest=split.digest[:16],
+        )
+        mlflow.log_input(dataset, context=context, tags={"source_digest": data.digest})
+
+
+def _source_uri(source: str) -> str:
+    if "://" in source or source == TORCHVISION:
+        return source
+    return f"file://{os.path.abspath(source)}"

@@ -1,0 +1,143 @@
+"""The promote task: move `champion` to the best new version, if it beats the old one on
+the same validation images, point `deep` and `light` at the newest of each, and publish
+the comparison as Prefect artifacts."""
+
+from __future__ import annotations
+
+import base64
+import math
+import statistics
+from dataclasses import dataclass
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from model.data import Dataset
+from model.predict import predict
+from tasks import plots, registry
+from tasks.settings import REGISTERED_MODEL, Settings
+from tasks.training import VariantResult
+
+PROMOTED_EVENT = "cifar10-resnet.champion.promoted"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    champion_version: str | None  # the champion after this promotion
+    promoted: bool
+    reason: str
+    previous_version: str | None
+    previous_acc: float | None  # the old champion's accuracy on this validation split
+    candidate_version: str | None
+    candidate_acc: float | None
+
+
+@task(name="promote", cache_policy=NONE, persist_result=False)
+def promote(results: list[VariantResult], data: Dataset, settings: Settings) -> Promotion:
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    settings.apply()
+    decision = decide(results, data)
+    if decision.promoted:
+        registry.set_alias(registry.CHAMPION, decision.champion_version)
+        _emit_promoted(decision)
+    logger.info(decision.reason)
+    for variant in sorted({r.variant for r in results}):
+        newest = max((r for r in results if r.variant == variant), key=lambda r: int(r.version))
+        registry.set_alias(variant, newest.version)
+    publish(results, decision)
+    return decision
+
+
+def decide(results: list[VariantResult], data: Dataset) -> Promotion:
+    """Which version is champion: the best new one, only if it beats the current champion
+    measured on the same validation digest (the old champion is re-scored when it was
+    validated on other images)."""
+    if not results:
+        old = registry.current_champion()
+        return Promotion(old and str(old.version), False, "no new versions to compare", None,
+                         None, None, None)
+    best = max(results, key=lambda r: r.val_acc)
+    old = registry.current_champion()
+    if old is None:
+        return Promotion(best.version, True,
+                         f"version {best.version} ({best.variant}) is the first champion, "
+                         f"validation accuracy {best.val_acc:.4f}",
+                         None, None, best.version, best.val_acc)
+    if str(old.version) == best.version:
+        return Promotion(best.version, False, f"version {best.version} is already champion",
+                         str(old.version), best.val_acc, best.version, best.val_acc)
+    if old.tags.get("val_digest") == data.val.digest:
+        old_acc = registry.version_accuracy(old)
+    else:
+        loaded = registry.load(f"models:/{REGISTERED_MODEL}/{old.version}")
+        labels, _ = predict(loaded.network, data.val.images)
+        old_acc = float((labels == data.val.labels).mean())
+    if math.isnan(old_acc) or best.val_acc > old_acc:
+        return Promotion(best.version, True,
+                         f"version {best.version} ({best.variant}, {best.val_acc:.4f}) beats "
+                         f"champion version {old.version} ({old_acc:.4f}) on validation "
+                         f"{data.val.digest[:12]}",
+                         str(old.version), old_acc, best.version, best.val_acc)
+    return Promotion(str(old.version), False,
+                     f"champion version {old.version} ({old_acc:.4f}) stays: the best new "
+                     f"version {best.version} ({best.variant}, {best.val_acc:.4f}) does not "
+                     f"beat it on validation {data.val.digest[:12]}",
+                     str(old.version), old_acc, best.version, best.val_acc)
+
+
+def comparison_rows(results: list[VariantResult]) -> list[dict[str, str]]:
+    """One row per variant: mean ± standard deviation over seeds where there are several."""
+    rows = []
+    for variant in sorted({r.variant for r in results}):
+        group = [r for r in results if r.variant == variant]
+
+        def stat(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+            values = [v * scale for v in values if v is not None and not math.isnan(v)]
+            if not values:
+                return "-"
+            if len(values) == 1:
+                return f"{values[0]:.{digits}f}"
+            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+        rows.append({
+            "variant": variant,
+            "versions": ", ".join(r.version for r in group),
+            "seeds": str(len(group)),
+            "params": f"{group[0].params:,}",
+            "param MB": f"{group[0].param_mb:.2f}",
+            "epochs": stat([r.metrics.get("epochs") for r in group], digits=0),
+            "training s": stat([r.metrics.get("train_seconds") for r in group], digits=1),
+            "val acc %": stat([r.metrics.get("val/acc") for r in group], 100),
+            "val acc TTA %": stat([r.metrics.get("val/acc_tta", math.nan) for r in group], 100),
+            "test acc %": stat([r.metrics.get("test/acc", math.nan) for r in group], 100),
+        })
+    return rows
+
+
+def publish(results: list[VariantResult], decision: Promotion) -> None:
+    rows = comparison_rows(results)
+    create_table_artifact(key="variant-comparison", table=rows,
+                          description=f"Variants compared. {decision.reason}.")
+    parts = [f"# Training curves\n\n{decision.reason}.\n"]
+    for r in results:
+        png = plots.curves_png(r.history, f"{r.variant} seed {r.seed}, version {r.version}")
+        parts.append(f"## {r.variant}, seed {r.seed} (version {r.version}, MLflow run "
+                     f"`{r.run_id}`)\n\n![curves](data:image/png;base64,"
+                     f"{base64.b64encode(png).decode()})\n")
+    create_markdown_artifact(key="training-curves", markdown="\n".join(parts))
+
+
+def _emit_promoted(decision: Promotion) -> None:
+    from prefect.events import emit_event
+
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={"prefect.resource.id": f"mlflow.model.{REGISTERED_MODEL}",
+                  "prefect.resource.name": REGISTERED_MODEL},
+        payload={"version": decision.champion_version,
+                 "model_uri": f"models:/{REGISTERED_MODEL}@{registry.CHAMPION}",
+                 "previous_version": decision.previous_version},
+    )

@@ -1,0 +1,142 @@
+"""The MLflow model registry: register a trained network, resolve and load a model URI,
+and move the `champion`, `deep` and `light` aliases.
+
+A version's weights are a plain state_dict file (`weights.pt`) whose sha256 is recorded
+in the version's tags and in the pyfunc model config when it is registered; every load
+checks it and uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from model.checkpoint import load_weights, save_weights
+from model.nets import build_model
+from tasks.settings import REGISTERED_MODEL
+
+CHAMPION = "champion"
+WEIGHTS_ARTIFACT = "weights"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(LookupError):
+    """A model name, alias or version that the registry does not hold, or a bad URI."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    network: torch.nn.Module
+    name: str
+    version: str
+    run_id: str
+    variant: str
+    weights_sha256: str
+    tags: dict[str, str]
+
+
+def register(
+    network: torch.nn.Module,
+    *,
+    variant: str,
+    tags: dict[str, str],
+    tta: bool,
+    name: str = REGISTERED_MODEL,
+) -> mlflow.entities.model_registry.ModelVersion:
+    """Log `network` to the active MLflow run as a pyfunc model and register a new version.
+
+    `tags` (recipe, data digest, validation accuracy...) are set on the version along with
+    `variant` and `weights_sha256`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        sha = save_weights(network, weights)
+        example = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+        signature = infer_signature(example, np.zeros((2, 10), dtype=np.float32))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={WEIGHTS_ARTIFACT: str(weights)},
+            model_config={"variant": variant, "weights_sha256": sha, "tta": tta},
+            signature=signature,
+            input_example=example,
+            registered_model_name=name,
+            # Explicit requirements: inferring them would import and run the model.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
+        )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in {**tags, "variant": variant, "weights_sha256": sha}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return client.get_model_version(name, version)
+
+
+def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
+    """`models:/name@alias` or `models:/name/version` -> the registry's ModelVersion."""
+    match = _MODEL_URI.match(model_uri)
+    if match is None:
+        raise RegistryError(
+            f"{model_uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise RegistryError(
+            f"no registered model named {name!r} at {mlflow.get_tracking_uri()}; "
+            f"registered models: {known or 'none'}"
+        ) from exc
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        aliases = sorted(client.get_registered_model(name).aliases)
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise RegistryError(
+            f"model {name!r} has no {what}; its aliases are {aliases or 'none'} "
+            "(train a model first, or pick one with `cifar-pipeline models`)"
+        ) from exc
+
+
+def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Resolve `model_uri`, download its weights, check their sha256 and rebuild the net."""
+    mv = resolve(model_uri)
+    tags = dict(mv.tags)
+    try:
+        variant, sha = tags["variant"], tags["weights_sha256"]
+    except KeyError as exc:
+        raise RegistryError(f"{mv.name} version {mv.version} lacks the tag {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        # The logged model's directory: the weights plus a few small MLflow files.
+        root = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+        path = Path(root) / "artifacts" / "weights.pt"
+        network = load_weights(build_model(variant), path, expected_sha256=sha)
+    return LoadedModel(network.to(device).eval(), mv.name, str(mv.version), mv.run_id or "",
+                       variant, sha, tags)
+
+
+def version_accuracy(mv) -> float:
+    return float(mv.tags.get("val_acc", "nan"))
+
+
+def current_champion(name: str = REGISTERED_MODEL):
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def set_alias(alias: str, version: str, name: str = REGISTERED_MODEL) -> None:
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))

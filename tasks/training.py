@@ -1,0 +1,223 @@
+"""The train_variant task: `model.train.fit` inside an MLflow run, with checkpoints in
+object storage and the result registered in the model registry.
+
+Everything one job writes to object storage lives under `runs/<run_key>/<job>/`:
+`checkpoint.pt` (the latest epoch), `mlflow_run.json` (the MLflow run to continue) and
+`registered.json` (the version, once registered). A rerun with the same run key resumes
+the checkpoint, continues the same MLflow run, and never registers a second version.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from prefect import task
+from prefect.cache_policies import NONE
+
+from model.checkpoint import CHECKPOINT_NAME
+from model.data import Dataset
+from model.nets import summary
+from model.predict import predict
+from model.train import FitResult, TrainConfig, fit
+from tasks import plots, registry
+from tasks.data import log_dataset
+from tasks.settings import Settings
+from tasks.storage import MissingObjectError, open_store
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training job: a model config plus where its state lives."""
+
+    config: TrainConfig
+    run_key: str  # jobs sharing a key share checkpoints: a retry or rerun resumes
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.variant}-seed{self.config.seed}"
+
+    @property
+    def prefix(self) -> str:
+        return f"runs/{self.run_key}/{self.name}-{self.config.hash()}"
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    seed: int
+    recipe: str
+    run_id: str
+    version: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    params: int = 0
+    param_mb: float = 0.0
+    resumed_from_epoch: int | None = None
+
+    @property
+    def val_acc(self) -> float:
+        return self.metrics["val/acc"]
+
+
+@task(name="train-variant", cache_policy=NONE, persist_result=False)
+def train_variant(
+    job: Job, data: Dataset, settings: Settings, parent_run_id: str | None = None
+) -> VariantResult:
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    settings.apply()
+    store = open_store(settings.object_store)
+    done = _read_json(store, f"{job.prefix}/registered.json")
+    if done is not None:
+        logger.info("%s already registered as version %s; not training again",
+                    job.name, done["version"])
+        return VariantResult(**done)
+
+    run_id = (_read_json(store, f"{job.prefix}/mlflow_run.json") or {}).get("run_id")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = Path(tmp) / "checkpoint"
+        ckpt_dir.mkdir()
+        key = f"{job.prefix}/{CHECKPOINT_NAME}"
+        if store.exists(key):
+            store.get_file(key, ckpt_dir / CHECKPOINT_NAME)
+            logger.info("resuming %s from %s", job.name, store.uri(key))
+        with mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else job.name,
+            nested=parent_run_id is not None and run_id is None,
+            parent_run_id=parent_run_id if run_id is None else None,
+            log_system_metrics=True,
+        ) as run:
+            if run_id is None:
+                store.put(f"{job.prefix}/mlflow_run.json",
+                          json.dumps({"run_id": run.info.run_id}).encode())
+                _log_params(job, data)
+                log_dataset(data)
+            client = mlflow.MlflowClient()
+            progress = _EpochLogger(client, run.info.run_id, job, logger,
+                                    lambda: store.put_file(key, ckpt_dir / CHECKPOINT_NAME))
+            result = fit(job.config, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir)
+            _log_final(client, run.info.run_id, result)
+            _log_artifacts(job, data, result)
+            version = register_version(job, data, result)
+            outcome = VariantResult(
+                variant=job.config.variant, seed=job.config.seed, recipe=job.config.recipe,
+                run_id=run.info.run_id, version=str(version.version), metrics=result.metrics,
+                history=result.history, params=int(result.metrics["params"]),
+                param_mb=summary(result.model).param_mb,
+                resumed_from_epoch=result.resumed_from_epoch,
+            )
+    store.put(f"{job.prefix}/registered.json", json.dumps(asdict(outcome)).encode())
+    return outcome
+
+
+def register_version(job: Job, data: Dataset, result: FitResult):
+    tags = {
+        "recipe": job.config.recipe,
+        "seed": job.config.seed,
+        "data_digest": data.digest,
+        "val_digest": data.val.digest,
+        "val_acc": f"{result.metrics['val/acc']:.6f}",
+        "config_hash": job.config.hash(),
+    }
+    return registry.register(result.model, variant=job.config.variant, tags=tags,
+                             tta=bool(job.config.tta))
+
+
+class _EpochLogger:
+    """on_epoch_end: the checkpoint goes to object storage first, then metrics to MLflow."""
+
+    def __init__(self, client, run_id, job, logger, upload_checkpoint):
+        self.client, self.run_id, self.job, self.logger = client, run_id, job, logger
+        self.upload_checkpoint = upload_checkpoint
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        self.upload_checkpoint()
+        epoch = int(metrics["epoch"])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(key, float(value), now, epoch) for key, value in metrics.items()
+            if key != "epoch"
+        ])
+        self.logger.info(
+            "%s epoch %d/%d: train loss %.3f acc %.2f%%, val loss %.3f acc %.2f%%, %.1f s",
+            self.job.name, epoch + 1, self.job.config.epochs, metrics["train/loss"],
+            100 * metrics["train/acc"], metrics["val/loss"], 100 * metrics["val/acc"],
+            metrics["epoch_seconds"],
+        )
+
+
+def _log_params(job: Job, data: Dataset) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
+        if job.config.device == "auto" else torch.device(job.config.device)
+    params: dict[str, Any] = {**job.config.model_dump(), "config_hash": job.config.hash()}
+    params.update(
+        data_source=data.source,
+        data_digest=data.digest,
+        val_digest=data.val.digest,
+        train_images=len(data.train),
+        val_images=len(data.val),
+        git_commit=git_commit(),
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda or "none",
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        run_key=job.run_key,
+    )
+    mlflow.log_params(params)
+    mlflow.set_tags({"variant": job.config.variant, "recipe": job.config.recipe})
+
+
+def _log_final(client, run_id: str, result: FitResult) -> None:
+    step = len(result.history) - 1
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[
+        Metric(f"final/{key}", float(value), now, step) for key, value in result.metrics.items()
+    ] + [
+        Metric(key, float(result.metrics[key]), now, step)
+        for key in ("test/acc",) if key in result.metrics
+    ])
+
+
+def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
+    title = f"{job.config.variant} ({job.config.recipe}, seed {job.config.seed})"
+    labels, _ = predict(result.model, data.val.images, tta=bool(job.config.tta))
+    matrix = plots.confusion_matrix(data.val.labels, labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "curves.png").write_bytes(plots.curves_png(result.history, title))
+        (out / "confusion_matrix.png").write_bytes(
+            plots.confusion_png(matrix, data.classes, f"validation confusion, {title}"))
+        (out / "model_summary.txt").write_text(summary(result.model).table() + "\n")
+        (out / "config.json").write_text(json.dumps(job.config.model_dump(), indent=2))
+        np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",")
+        mlflow.log_artifacts(tmp)
+
+
+def _read_json(store, key: str) -> dict | None:
+    try:
+        return json.loads(store.get(key))
+    except MissingObjectError:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
