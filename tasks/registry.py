@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,22 +63,24 @@ def register(
         sha = save_weights(network, weights)
         example = np.zeros((2, 32, 32, 3), dtype=np.uint8)
         signature = infer_signature(example, np.zeros((2, 10), dtype=np.float32))
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={WEIGHTS_ARTIFACT: str(weights)},
-            model_config={"variant": variant, "weights_sha256": sha, "tta": tta},
-            signature=signature,
-            input_example=example,
-            registered_model_name=name,
-            # Explicit requirements: inferring them would import and run the model.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
-        )
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in {**tags, "variant": variant, "weights_sha256": sha}.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return client.get_model_version(name, version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                model_config={"variant": variant, "weights_sha256": sha, "tta": tta},
+                signature=signature,
+                input_example=example,
+                # Explicit requirements: inferring them would import and run the model.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
+            )
+    # The version is created with its tags in one call: no version is ever visible without
+    # the variant and checksum that loading it depends on.
+    all_tags = {**{k: str(v) for k, v in tags.items()}, "variant": variant, "weights_sha256": sha}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.register_model(info.model_uri, name, tags=all_tags)
 
 
 def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
