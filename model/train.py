@@ -66,7 +66,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fast": dict(
         epochs=40,  # reaches the report's accuracy on this copy in about 40 epochs
         batch_size=512,  # fills an H100 with these small images; lr is scaled to match
-        lr=0.2,  # peak SGD step size after warm-up, for batch 512
+        lr=0.2,  # peak SGD step size at batch 512; other batch sizes scale it linearly
         weight_decay=5e-4,  # the usual ResNet-on-CIFAR value for SGD
         momentum=0.9,  # Nesterov momentum
         label_smoothing=0.2,  # calibrates and regularises more than it costs at 40 epochs
@@ -77,6 +77,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
         channels_last=True,
     ),
 }
+FAST_REFERENCE_BATCH = 512  # images: the batch size at which `fast`'s lr applies as given
 PLATEAU_FACTOR = 0.1  # the report's ReduceLROnPlateau settings
 PLATEAU_PATIENCE = 5  # epochs
 
@@ -389,7 +390,10 @@ def _make_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int)
             optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
         )
         return optimizer, scheduler, False
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    # Linear scaling keeps one `lr` right for the smoke profile's batch 64 and the full
+    # profile's 512 alike: SGD with momentum diverges at batch 64 with batch 512's rate.
+    lr = config.lr * config.batch_size / FAST_REFERENCE_BATCH
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
                                 nesterov=True, weight_decay=config.weight_decay,
                                 fused=on_cuda or None)
     total = max(1, config.epochs * steps_per_epoch)

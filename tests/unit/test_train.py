@@ -76,7 +76,7 @@ def test_each_recipe_trains_and_the_loss_falls(recipe, real_small):
     result = fit(cpu_config(recipe, epochs=2, batch_size=64), real_small,
                  on_epoch_end=seen.append)
     assert [int(m["epoch"]) for m in seen] == [0, 1]
-    assert all(DESIGN_KEYS <= set(m) for m in seen)
+    assert all(set(m) >= DESIGN_KEYS for m in seen)
     assert seen[1]["train/loss"] < seen[0]["train/loss"]
     assert 0 <= result.metrics["val/acc"] <= 1
     assert result.metrics["epochs"] == 2
@@ -88,7 +88,7 @@ def test_the_fast_schedule_warms_up_then_decays(tiny):
     seen = []
     fit(cpu_config("fast", epochs=4, warmup_epochs=1), tiny, on_epoch_end=seen.append)
     lrs = [m["lr"] for m in seen]  # the rate in force at the end of each epoch
-    assert lrs[0] == pytest.approx(0.2)
+    assert lrs[0] == pytest.approx(0.2 * 32 / 512)  # peak, scaled to batch 32
     assert lrs[1] > lrs[2] > lrs[3] >= 0
 
 
