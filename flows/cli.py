@@ -4,6 +4,7 @@
     cifar-pipeline train [--variants deep,light] [--recipe fast] [--epochs N] ...
     cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion]
     cifar-pipeline models
+    cifar-pipeline stack up|down|status [--workers N] [--cpu-slots] [--no-deploy] [--auth]
 
 Every command takes --state-dir (default ./.pipeline), the home of the embedded defaults:
 the MLflow database and artifacts, the local object store, and Prefect's database.
@@ -28,7 +29,8 @@ def _configure_environment(state_dir: str | None) -> Path:
         # The embedded default: an in-process Prefect API whose database lives here too.
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    # The first start migrates a fresh SQLite database; a busy laptop needs more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     return state
 
@@ -139,6 +141,28 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    import subprocess
+
+    import flows
+
+    # infra/ ships with the source tree, not the package: it is run, never imported.
+    script = Path(flows.__file__).resolve().parents[1] / "infra" / "stack.py"
+    if not script.is_file():
+        raise ValueError(f"{script} is missing: `stack` needs a source checkout of "
+                         "cifar-pipeline (infra/ is not part of the installed package)")
+    up_only = {"--workers": args.workers, "--cpu-slots": args.cpu_slots,
+               "--no-deploy": args.no_deploy, "--auth": args.auth}
+    given = [flag for flag, value in up_only.items() if value not in (None, False)]
+    if given and args.action != "up":
+        raise ValueError(f"{', '.join(given)} only go with `stack up`")
+    cmd = [sys.executable, str(script), args.action, "--state-dir", os.environ["CIFAR_STATE_DIR"]]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    cmd += [flag for flag in ("--cpu-slots", "--no-deploy", "--auth") if up_only[flag]]
+    return subprocess.call(cmd)
+
+
 def _print_summary(summary: dict, settings, self_check) -> None:
     print("\nsummary")
     rows = [("MLflow tracking", settings.tracking_uri),
@@ -220,6 +244,17 @@ def _parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("models", help="list registered versions and aliases")
     md.set_defaults(handler=cmd_models)
+
+    st = sub.add_parser("stack", help="local Prefect, MLflow and S3 servers plus workers "
+                        "(infra/stack.py)")
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("--workers", type=int, help="gpu-pool workers (up; default one per GPU, "
+                    "else 2 CPU slots)")
+    st.add_argument("--cpu-slots", action="store_true", help="workers without a GPU (up)")
+    st.add_argument("--no-deploy", action="store_true", help="skip prefect deploy (up)")
+    st.add_argument("--auth", action="store_true", help="MLflow basic-auth and a Prefect "
+                    "API auth string (up)")
+    st.set_defaults(handler=cmd_stack)
     return p
 
 

@@ -49,6 +49,11 @@ class TrainConfig(BaseModel):
     run_key: str | None = Field(
         None, description="runs with the same key share checkpoints; default: the flow run id"
     )
+    dispatch: Literal["local", "pool"] = Field(
+        "local", description="local: train in this process; pool: one child flow run per "
+        "job on the GPU work pool (deployment train-variant)")
+    child_deployment: str = Field("train-variant/train-variant",
+                                  description="the deployment that pool dispatch runs")
 
     @field_validator("lr")
     @classmethod
@@ -87,13 +92,15 @@ def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen 
         data = prepare_data(settings, config.data_source, config.val_size, config.train_size,
                             config.split_seed)
         log_dataset(data)
-        jobs = [Job(c, run_key) for c in _place_on_devices(configs)]
-        futures = [train_variant.submit(job, data, settings, parent.info.run_id)
-                   for job in jobs] if _gpu_count() > 1 else None
-        results: list[VariantResult] = (
-            [f.result() for f in futures] if futures is not None
-            else [train_variant(job, data, settings, parent.info.run_id) for job in jobs]
-        )
+        if config.dispatch == "pool":
+            results, failed = _run_on_pool(config, configs, run_key, parent.info.run_id,
+                                           settings)
+        else:
+            results, failed = _run_here(configs, run_key, data, settings, parent.info.run_id)
+        if not results:
+            raise RuntimeError(f"every training job failed: {failed}")
+        for name, why in failed.items():
+            logger.error("job %s failed, continuing with the others: %s", name, why)
         decision: Promotion = promote(results, data, settings)
         mlflow.set_tag("champion_version", decision.champion_version or "")
 
@@ -106,13 +113,96 @@ def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen 
         "promoted": decision.promoted,
         "reason": decision.reason,
         "data_digest": data.digest,
+        "failed": failed,
     }
     if config.score_after:
         from flows.score import ScoreConfig, score
 
         summary["score"] = score(ScoreConfig(input_uri=config.competition_file))
     logger.info("champion: version %s (%s)", decision.champion_version, decision.reason)
+    if failed:
+        # The survivors are registered and compared; the run still ends Failed, so the
+        # failure shows in the UI and in the exit status.
+        raise JobsFailedError(f"{len(failed)} of {len(configs)} jobs failed: {failed}; "
+                              f"the others were registered: {summary['versions']}")
     return summary
+
+
+class JobsFailedError(RuntimeError):
+    """Some training jobs of a flow run failed."""
+
+
+def _run_here(configs, run_key, data, settings, parent_run_id):
+    """In this process: one job after another on one device, side by side on several."""
+    jobs = [Job(c, run_key) for c in _place_on_devices(configs)]
+    if _gpu_count() > 1:
+        futures = {job.name: train_variant.submit(job, data, settings, parent_run_id)
+                   for job in jobs}
+        outcomes = {}
+        for name, future in futures.items():
+            try:
+                outcomes[name] = future.result()
+            except Exception as exc:
+                outcomes[name] = exc
+    else:
+        outcomes = {}
+        for job in jobs:
+            try:
+                outcomes[job.name] = train_variant(job, data, settings, parent_run_id)
+            except Exception as exc:
+                outcomes[job.name] = exc
+    results = [r for r in outcomes.values() if isinstance(r, VariantResult)]
+    failed = {n: f"{type(r).__name__}: {r}" for n, r in outcomes.items()
+              if not isinstance(r, VariantResult)}
+    return results, failed
+
+
+def _run_on_pool(config, configs, run_key, parent_run_id, settings):
+    """One child flow run per job on the work pool; wait for all, keep what succeeded.
+
+    Children report through object storage (registered.json), so the parent needs no
+    shared result storage with the workers.
+    """
+    import time
+
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.train_variant import VariantJob
+    from tasks.storage import open_store
+    from tasks.training import read_result
+
+    logger = get_run_logger()
+    children = {}
+    for model_config in configs:
+        job = VariantJob(model=model_config, run_key=run_key, data_source=config.data_source,
+                         val_size=config.val_size, train_size=config.train_size,
+                         split_seed=config.split_seed, parent_run_id=parent_run_id)
+        run = run_deployment(config.child_deployment, parameters={"job": job.model_dump()},
+                             timeout=0, flow_run_name=f"{job.job.name} {run_key[:8]}")
+        children[job.job.name] = (job, run.id)
+        logger.info("started %s as flow run %s", job.job.name, run.id)
+    states = {}
+    with get_client(sync_client=True) as client:
+        while len(states) < len(children):
+            for name, (_, run_id) in children.items():
+                if name in states:
+                    continue
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    states[name] = state
+                    logger.info("%s ended %s", name, state.type.value)
+            time.sleep(2)
+    store = open_store(settings.object_store)
+    results, failed = [], {}
+    for name, (job, _) in children.items():
+        state = states[name]
+        result = read_result(store, job.job) if state.is_completed() else None
+        if result is None:
+            failed[name] = f"{state.type.value}: {state.message or 'no result'}"
+        else:
+            results.append(result)
+    return results, failed
 
 
 def _gpu_count() -> int:

@@ -19,8 +19,8 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", 512, 256, {"epochs": 1, "batch_size": 128},
                      "512 images for 1 epoch: checks the plumbing, not the model"),
-    "quick": Profile("quick", 2500, 1000, {"epochs": 2, "batch_size": 128},
-                     "2,500 images for 2 epochs: minutes on a laptop CPU"),
+    "quick": Profile("quick", 1000, 500, {"epochs": 2, "batch_size": 64},
+                     "1,000 images for 2 epochs: a few minutes on a laptop CPU"),
     "full": Profile("full", None, 5000, {},
                     "the tuned fast recipe on the whole training set"),
 }

@@ -79,11 +79,11 @@ def train_variant(
     logger = get_run_logger()
     settings.apply()
     store = open_store(settings.object_store)
-    done = _read_json(store, f"{job.prefix}/registered.json")
+    done = read_result(store, job)
     if done is not None:
         logger.info("%s already registered as version %s; not training again",
-                    job.name, done["version"])
-        return VariantResult(**done)
+                    job.name, done.version)
+        return done
 
     run_id = (_read_json(store, f"{job.prefix}/mlflow_run.json") or {}).get("run_id")
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,6 +204,12 @@ def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
         (out / "config.json").write_text(json.dumps(job.config.model_dump(), indent=2))
         np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",")
         mlflow.log_artifacts(tmp)
+
+
+def read_result(store, job: Job) -> VariantResult | None:
+    """The result a finished job left in object storage, if it finished."""
+    done = _read_json(store, f"{job.prefix}/registered.json")
+    return VariantResult(**done) if done is not None else None
 
 
 def _read_json(store, key: str) -> dict | None:
