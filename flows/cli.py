@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_environment(args.state_dir)
+    if args.command == "stack":
+        # Only starts a script: spare it the seconds of importing torch and mlflow below.
+        try:
+            return cmd_stack(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     from pydantic import ValidationError
 
     from model.checkpoint import CheckpointError
