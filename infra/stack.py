@@ -278,6 +278,8 @@ def service_spec(stack: Stack, name: str) -> workers.Spec:
             PREFECT_HOME=str(home),
             PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            # The UI's browser code calls this URL; its default is port 4200.
+            PREFECT_UI_API_URL=f"{stack.prefect_api}",
         )
         if stack.auth:
             env["PREFECT_SERVER_API_AUTH_STRING"] = secrets_for(stack)["prefect_api_auth_string"]

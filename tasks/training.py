@@ -10,7 +10,9 @@ the checkpoint, continues the same MLflow run, and never registers a second vers
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import subprocess
 import tempfile
 import time
@@ -129,7 +131,9 @@ def register_version(job: Job, data: Dataset, result: FitResult):
         "seed": job.config.seed,
         "data_digest": data.digest,
         "val_digest": data.val.digest,
-        "val_acc": f"{result.metrics['val/acc']:.6f}",
+        # Full precision: promotion compares this tag with the next candidate's accuracy,
+        # and a rounded tag would let an equal newcomer "beat" the champion.
+        "val_acc": repr(float(result.metrics["val/acc"])),
         "config_hash": job.config.hash(),
     }
     return registry.register(result.model, variant=job.config.variant, tags=tags,
@@ -177,7 +181,10 @@ def _log_params(job: Job, data: Dataset) -> None:
         run_key=job.run_key,
     )
     mlflow.log_params(params)
-    mlflow.set_tags({"variant": job.config.variant, "recipe": job.config.recipe})
+    # Which machine and worker ran the job: a process worker is the parent of its runs.
+    mlflow.set_tags({"variant": job.config.variant, "recipe": job.config.recipe,
+                     "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
 
 
 def _log_final(client, run_id: str, result: FitResult) -> None:

@@ -1,0 +1,243 @@
+"""End to end on the local stack: Prefect server, MLflow server, moto S3, deployments from
+prefect.yaml and two process workers on the `gpu` pool (CPU slots here).
+
+`train-resnets` is triggered through the Prefect API with `dispatch="pool"`; its two
+children must run on different workers at the same time, register their versions, and the
+promotion event must trigger `score-competition`, whose predictions land in the bucket.
+Then a worker is SIGKILLed in the middle of a child run, and the rerun resumes from the
+checkpoint in S3 and registers one version. Last, a real browser looks at both UIs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = REPO / "infra" / "stack.py"
+SHARED = REPO.parent / "shared" / "datasets"
+PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
+SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
+OUTPUT = REPO / "test-output"
+CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "PREFECT_API_URL",
+           "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME", "PREFECT_PROFILE",
+           "MLFLOW_TRACKING_URI", "CIFAR_STATE_DIR", "CIFAR_OBJECT_STORE"]
+SMALL = {"epochs": 1, "batch_size": 64, "train_size": 256, "val_size": 128,
+         "data_source": str(PARQUET)}
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    out = subprocess.run(["bash", "-c", f"set -a; . {path}; env -0"], env={},
+                         capture_output=True, check=True).stdout
+    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if k not in ("PWD", "SHLVL", "_")}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack-state")
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(CIFAR_COMPETITION_FILE=str(SAMPLE), CIFAR10_SOURCE=str(PARQUET))
+    cmd = [sys.executable, str(STACK)]
+    up = subprocess.run([*cmd, "up", "--state-dir", str(state), "--cpu-slots", "--workers", "2"],
+                        env=env, capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        client_env = _read_env_file(state / "stack" / "env")
+        saved = {k: os.environ.get(k) for k in client_env}
+        os.environ.update(client_env)
+        try:
+            yield {"state": state, "env": env, "client_env": client_env, "cmd": cmd}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        subprocess.run([*cmd, "down", "--state-dir", str(state)], env=env, timeout=120)
+
+
+def _prefect():
+    from prefect import get_client
+
+    return get_client(sync_client=True)
+
+
+def _wait_final(client, flow_run_id, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout} s")
+
+
+def _children(client, parent_run):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_run.id])))
+    return [r for r in runs if r.deployment_id is not None]
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    listing = s3.list_objects_v2(Bucket="cifar-pipeline", Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def _worker_pids(state: Path) -> dict[int, str]:
+    pids = {}
+    for path in (state / "stack" / "pids").glob("*.pid"):
+        pids[int(path.read_text().split()[0])] = path.stem
+    return pids
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+    """train-resnets triggered through the API, as the UI or the schedule would."""
+    from prefect.deployments import run_deployment
+
+    # Two seeds of light: two children, at the lower cost of the two variants.
+    config = {"dispatch": "pool", "variants": ["light"], "seeds": [0, 1], **SMALL}
+    run = run_deployment("train-resnets/train-resnets", parameters={"config": config},
+                         timeout=0)
+    with _prefect() as client:
+        run = _wait_final(client, run.id, timeout=900)
+        children = _children(client, run)
+    return run, children
+
+
+def test_pool_dispatch_trains_children_side_by_side_on_different_workers(stack, trained):
+    import mlflow
+
+    run, children = trained
+    assert run.state.is_completed(), run.state.message
+    assert len(children) == 2 and all(c.state.is_completed() for c in children)
+    # Overlapping run times: both were running at once.
+    assert max(c.start_time for c in children) < min(c.end_time for c in children)
+    # A process worker is the parent process of the flow runs it starts.
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name='cifar10-resnet'")
+    assert sorted(v.tags["seed"] for v in versions) == ["0", "1"]
+    ppids = {int(client.get_run(v.run_id).data.tags["ppid"]) for v in versions}
+    workers = _worker_pids(stack["state"])
+    assert len(ppids) == 2 and ppids <= set(workers), (ppids, workers)
+
+
+def test_registry_was_updated_through_the_mlflow_server(stack, trained):
+    import mlflow
+
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+    model = mlflow.MlflowClient().get_registered_model("cifar10-resnet")
+    assert {"champion", "light"} <= set(model.aliases)
+
+
+def test_promotion_event_triggers_scoring_and_predictions_land_in_s3(stack, trained):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _prefect() as client:
+        deadline = time.monotonic() + 300
+        scored = []
+        while time.monotonic() < deadline and not scored:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["score-competition"])))
+            scored = [r for r in runs if r.state is not None and r.state.is_completed()]
+            time.sleep(3)
+    assert scored, "no completed score-competition run was triggered by the promotion"
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="cifar-pipeline",
+                                                 Prefix="objects/predictions/")["Contents"]]
+    assert any(k.endswith("/manifest.json") for k in keys)
+    csv_key = next(k for k in keys if k.endswith("/predictions.csv"))
+    body = s3.get_object(Bucket="cifar-pipeline", Key=csv_key)["Body"].read().decode()
+    assert body.startswith("ID,Labels\n") and len(body.strip().splitlines()) == 1001
+
+
+def test_the_training_deployment_carries_its_weekly_schedule(stack):
+    with _prefect() as client:
+        deployment = client.read_deployment_by_name("train-resnets/train-resnets")
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == ["0 3 * * 1"]
+    assert deployment.parameters["config"]["dispatch"] == "pool"
+
+
+def test_a_killed_worker_run_resumes_from_its_checkpoint_and_registers_once(stack, trained):
+    import mlflow
+    from prefect.deployments import run_deployment
+
+    job = {"model": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
+                     "seed": 7},
+           "run_key": "kill-test", "data_source": str(PARQUET), "val_size": 128,
+           "train_size": 192}
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    first = run_deployment("train-variant/train-variant", parameters={"job": job}, timeout=0)
+
+    def checkpoint_keys():
+        return [k for k in _keys(s3, "objects/runs/kill-test/") if k.endswith(".pt")]
+
+    deadline = time.monotonic() + 300
+    while not checkpoint_keys():
+        assert time.monotonic() < deadline, "no checkpoint reached S3"
+        time.sleep(1)
+    # SIGKILL the worker that runs it, and the run's own process with it.
+    with _prefect() as client:
+        run = client.read_flow_run(first.id)
+    pid = int(run.infrastructure_pid.rsplit(":", 1)[-1])
+    import psutil
+
+    worker = psutil.Process(pid).parent()
+    assert worker.pid in _worker_pids(stack["state"])
+    for process in (worker, psutil.Process(pid)):
+        os.kill(process.pid, signal.SIGKILL)
+    # `up` is idempotent: it restarts exactly the dead worker.
+    up = subprocess.run([*stack["cmd"], "up", "--state-dir", str(stack["state"]), "--cpu-slots",
+                         "--workers", "2"], env=stack["env"], capture_output=True, text=True,
+                        timeout=600)
+    assert up.returncode == 0, up.stderr[-2000:]
+    second = run_deployment("train-variant/train-variant", parameters={"job": job}, timeout=0)
+    with _prefect() as client:
+        done = _wait_final(client, second.id, timeout=600)
+    assert done.state.is_completed(), done.state.message
+    # The job leaves its result in object storage (registered.json).
+    key = next(k for k in _keys(s3, "objects/runs/kill-test/") if k.endswith("registered.json"))
+    result = json.loads(s3.get_object(Bucket="cifar-pipeline", Key=key)["Body"].read())
+    assert result["resumed_from_epoch"] is not None and result["resumed_from_epoch"] >= 0
+    versions = mlflow.MlflowClient().search_model_versions(f"run_id='{result['run_id']}'")
+    assert [v.version for v in versions] == [result["version"]]
+
+
+def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.fail("Debian's chromium is missing: .ci/run installs it with apt-get")
+    OUTPUT.mkdir(exist_ok=True)
+    run, _ = trained
+    prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    mlflow_ui = os.environ["MLFLOW_TRACKING_URI"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{prefect_ui}/runs/flow-run/{run.id}")
+        page.get_by_text("Completed").first.wait_for(timeout=60_000)
+        page.screenshot(path=OUTPUT / "prefect-flow-run.png")
+        page.goto(f"{mlflow_ui}/#/models/cifar10-resnet")
+        page.get_by_text("champion").first.wait_for(timeout=60_000)
+        page.screenshot(path=OUTPUT / "mlflow-registered-model.png")
+        browser.close()
+    assert (OUTPUT / "prefect-flow-run.png").stat().st_size > 0
+    assert (OUTPUT / "mlflow-registered-model.png").stat().st_size > 0
