@@ -219,7 +219,8 @@ def test_a_killed_worker_run_resumes_from_its_checkpoint_and_registers_once(stac
 
 
 def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained):
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api as playwright
+
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.fail("Debian's chromium is missing: .ci/run installs it with apt-get")
