@@ -85,7 +85,9 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
     ids, images, input_digest = read_input(input_uri)  # raises before anything is written
     mv = registry.resolve(config.model_uri)
     store, root = _output_store(config.output, settings)
-    prefix = f"{root}{mv.name}-v{mv.version}/{input_digest[:16]}".lstrip("/")
+    # Everything that changes the predictions is in the key: model, input and TTA.
+    variant = "" if config.tta else "-notta"
+    prefix = f"{root}{mv.name}-v{mv.version}/{input_digest[:16]}{variant}".lstrip("/")
     if store.exists(f"{prefix}/{MANIFEST}"):
         manifest = json.loads(store.get(f"{prefix}/{MANIFEST}"))
         logger.info("already scored: %s", store.uri(f"{prefix}/{MANIFEST}"))

@@ -56,9 +56,18 @@ def stack(tmp_path_factory):
         client_env = _read_env_file(state / "stack" / "env")
         saved = {k: os.environ.get(k) for k in client_env}
         os.environ.update(client_env)
+        import mlflow
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        previous_uri = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(client_env["MLFLOW_TRACKING_URI"])
+        # A Prefect test harness started earlier in the session overrides the environment;
+        # these settings take precedence over it.
         try:
-            yield {"state": state, "env": env, "client_env": client_env, "cmd": cmd}
+            with temporary_settings(updates={PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
+                yield {"state": state, "env": env, "client_env": client_env, "cmd": cmd}
         finally:
+            mlflow.set_tracking_uri(previous_uri)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

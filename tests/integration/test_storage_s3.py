@@ -1,4 +1,5 @@
-"""S3Store against moto's S3 server, a real HTTP server in a subprocess on 127.0.0.1.
+"""S3Store against moto's S3 server, a real HTTP server in a subprocess on 127.0.0.1
+(the `endpoint` fixture of conftest.py).
 
 Faults (503s, corruption) are injected with botocore `before-send` hooks, so botocore's
 own retry and checksum machinery handles them exactly as it would a real endpoint's.
@@ -8,13 +9,8 @@ import base64
 import contextlib
 import hashlib
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -27,64 +23,6 @@ from tasks import storage
 from tasks.storage import MissingObjectError, ObjectExistsError, S3Store, StorageError
 
 pytestmark = pytest.mark.integration
-
-FAKE_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-}
-CLEARED_ENV = ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in CLEARED_ENV:
-            mp.delenv(name, raising=False)
-        for name, value in FAKE_ENV.items():
-            mp.setenv(name, value)
-        yield
-
-
-@pytest.fixture(scope="module")
-def endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}: {log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not answer on {url}: {log_path.read_text()}")
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -219,8 +157,8 @@ def test_if_absent_is_enforced_by_moto(store: S3Store, tmp_path: Path) -> None:
     assert store.get("other.json") == b"third"
 
 
-def test_endpoint_down_fails_fast() -> None:
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+def test_endpoint_down_fails_fast(closed_endpoint: str) -> None:
+    url = closed_endpoint  # nothing listens here
     s = S3Store("bkt", endpoint_url=url, max_attempts=2, connect_timeout=1, read_timeout=2)
 
     start = time.monotonic()
