@@ -81,7 +81,7 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
     logger = get_run_logger()
     settings = Settings.from_env()
     settings.apply()
-    input_uri = config.input_uri or _env_input()
+    input_uri = competition_input(config.input_uri)
     ids, images, input_digest = read_input(input_uri)  # raises before anything is written
     mv = registry.resolve(config.model_uri)
     store, root = _output_store(config.output, settings)
@@ -164,10 +164,11 @@ def _output_store(output: str, settings: Settings) -> tuple[ObjectStore, str]:
     return open_store(settings.object_store), output.strip("/") + "/"
 
 
-def _env_input() -> str:
+def competition_input(configured: str | None) -> str:
+    """The competition file: as configured, else CIFAR_COMPETITION_FILE."""
     import os
 
-    value = os.environ.get("CIFAR_COMPETITION_FILE")
+    value = configured or os.environ.get("CIFAR_COMPETITION_FILE")
     if not value:
         raise ValueError("no competition file: set input_uri in the flow's parameters or "
                          "CIFAR_COMPETITION_FILE")

@@ -16,6 +16,7 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.data import read_competition_pickle
 from model.train import TrainConfig as ModelConfig
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
@@ -86,6 +87,11 @@ def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen 
     settings.apply()
     configs = config.model_configs()
     run_key = config.run_key or str(get_run_context().flow_run.id)
+    if config.score_after:
+        # A bad competition file is found now, not after hours of training.
+        from flows.score import competition_input
+
+        read_competition_pickle(competition_input(config.competition_file))
 
     with mlflow.start_run(run_name=f"train-resnets {run_key[:8]}") as parent:
         mlflow.log_params({"flow." + k: v for k, v in config.model_dump().items()})

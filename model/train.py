@@ -277,8 +277,12 @@ def _final_metrics(config, model, data, device, history, eval_kwargs) -> dict[st
         "epochs": float(len(history)),
         "train_seconds": float(sum(h["epoch_seconds"] for h in history)),
     }
-    loss, acc = evaluate(model, val_images, val_labels, **eval_kwargs)
-    final["val/loss"], final["val/acc"] = float(loss), float(acc)
+    if history:
+        # The last epoch already scored this very model on the validation split.
+        final["val/loss"], final["val/acc"] = history[-1]["val/loss"], history[-1]["val/acc"]
+    else:
+        loss, acc = evaluate(model, val_images, val_labels, **eval_kwargs)
+        final["val/loss"], final["val/acc"] = float(loss), float(acc)
     if config.tta:
         final["val/acc_tta"] = float(evaluate(model, val_images, val_labels, tta=True,
                                               **eval_kwargs)[1])

@@ -100,7 +100,10 @@ def train_variant(
             run_name=None if run_id else job.name,
             nested=parent_run_id is not None and run_id is None,
             parent_run_id=parent_run_id if run_id is None else None,
-            log_system_metrics=True,
+            # CPU, memory and (with pynvml) GPU use; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+            # turns it off.
+            log_system_metrics=os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+            .lower() not in ("false", "0"),
         ) as run:
             if run_id is None:
                 store.put(f"{job.prefix}/mlflow_run.json",

@@ -1,0 +1,176 @@
+"""The promotion guard: `champion` moves only to a version that beats the current champion
+measured on the same validation images. Versions are registered directly (untrained
+networks with chosen accuracy tags), so nothing here trains."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from prefect import flow
+
+from model.data import Dataset
+from model.nets import build_model
+from model.predict import predict
+from model.train import FitResult
+from model.train import TrainConfig as ModelConfig
+from tasks import registry
+from tasks.promote import decide, promote
+from tasks.settings import REGISTERED_MODEL, Settings
+from tasks.training import Job, VariantResult, register_version
+
+OTHER_DIGEST = "0" * 64  # a validation split other than the one being promoted on
+
+
+def _register(variant: str, val_acc: str | None, val_digest: str, seed: int = 0) -> str:
+    """Register an untrained `variant` network with these tags; return its version."""
+    torch.manual_seed(seed)
+    network = build_model(variant)
+    tags = {"recipe": "fast", "seed": str(seed), "val_digest": val_digest,
+            "data_digest": "test-data"}
+    if val_acc is not None:
+        tags["val_acc"] = val_acc
+    with mlflow.start_run(run_name=f"register {variant} {val_acc}"):
+        mv = registry.register(network, variant=variant, tags=tags, tta=False)
+    return str(mv.version)
+
+
+def _candidate(version: str, val_acc: float, variant: str = "light") -> VariantResult:
+    return VariantResult(variant=variant, seed=0, recipe="fast", run_id=f"run-{version}",
+                         version=version, metrics={"val/acc": val_acc})
+
+
+def _champion() -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL,
+                                                                 "champion").version)
+
+
+def _aliases() -> dict[str, str]:
+    aliases = mlflow.MlflowClient().get_registered_model(REGISTERED_MODEL).aliases
+    return {name: str(version) for name, version in aliases.items()}
+
+
+def _run_promote(results: list[VariantResult], data: Dataset):
+    """The promote task as the train flow runs it: inside a flow, under Prefect."""
+
+    @flow(name="promote-under-test")
+    def promote_flow():
+        return promote(results, data, Settings.from_env())
+
+    return promote_flow()
+
+
+def test_first_version_becomes_champion(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    decision = decide([_candidate("1", 0.3), _candidate("2", 0.4, "deep")], small_data)
+    assert decision.promoted
+    assert decision.champion_version == "2"
+    assert decision.previous_version is None
+
+
+def test_no_candidates_changes_nothing(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    decision = decide([], small_data)
+    assert not decision.promoted
+    assert decision.champion_version is None
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_worse_model_does_not_take_champion_and_better_one_does(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    digest = small_data.val.digest
+    champion = _register("light", "0.900000", digest)
+    registry.set_alias("champion", champion)
+    worse = _register("light", "0.500000", digest, seed=1)
+
+    decision = _run_promote([_candidate(worse, 0.5)], small_data)
+    assert not decision.promoted
+    assert decision.champion_version == champion
+    assert decision.previous_acc == pytest.approx(0.9)
+    assert decision.candidate_version == worse
+    # The registry agrees: champion stayed, while `light` names the newest light version.
+    assert _aliases() == {"champion": champion, "light": worse}
+
+    better = _register("light", "0.950000", digest, seed=2)
+    decision = _run_promote([_candidate(better, 0.95)], small_data)
+    assert decision.promoted
+    assert decision.previous_version == champion
+    assert _aliases() == {"champion": better, "light": better}
+
+    # An equal accuracy is not an improvement: the incumbent keeps the alias.
+    assert not decide([_candidate("99", 0.95)], small_data).promoted
+    assert _champion() == better
+
+
+def test_best_of_several_candidates_is_the_one_compared(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    digest = small_data.val.digest
+    champion = _register("light", "0.800000", digest)
+    registry.set_alias("champion", champion)
+    candidates = [_candidate("7", 0.85, "deep"), _candidate("8", 0.75, "light")]
+    decision = decide(candidates, small_data)
+    assert decision.promoted
+    assert decision.champion_version == "7"
+    assert decision.candidate_acc == pytest.approx(0.85)
+
+
+def test_champion_from_another_validation_split_is_rescored(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    # The old champion's tag claims 0.99, but on other images: it must not count.
+    champion = _register("light", "0.990000", OTHER_DIGEST, seed=5)
+    registry.set_alias("champion", champion)
+    # What the champion's weights (the network registered with seed 5) really score here.
+    torch.manual_seed(5)
+    labels, _ = predict(build_model("light"), small_data.val.images)
+    rescored = float((labels == small_data.val.labels).mean())
+    step = 1 / len(small_data.val)
+    assert rescored + step < 0.99  # an untrained network: the tag would win otherwise
+
+    same = decide([_candidate("2", rescored)], small_data)
+    assert not same.promoted
+    assert same.champion_version == champion
+    assert same.previous_acc == pytest.approx(rescored)
+
+    better = decide([_candidate("2", rescored + step)], small_data)
+    assert better.promoted
+    assert better.champion_version == "2"
+    assert better.previous_acc == pytest.approx(rescored)
+    assert _champion() == champion  # decide() only decides; promote() moves the alias
+
+
+def test_equal_accuracy_is_not_promoted_whatever_its_decimals(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    """Versions registered by the training task, with one accuracy on the same images:
+    the recorded tag must not round the incumbent below an equal newcomer."""
+    acc = 9 / 128  # 0.0703125, as a 128-image validation split gives
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = ModelConfig(variant="light", epochs=1, seed=seed)
+        result = FitResult(build_model("light"), config, history=[], metrics={"val/acc": acc})
+        with mlflow.start_run():
+            mv = register_version(Job(config, "equal-accuracy"), small_data, result)
+        versions.append(str(mv.version))
+    registry.set_alias("champion", versions[0])
+    decision = decide([_candidate(versions[1], acc)], small_data)
+    assert decision.previous_acc == acc
+    assert not decision.promoted
+
+
+def test_champion_without_recorded_accuracy_is_replaced(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    champion = _register("light", None, small_data.val.digest)
+    registry.set_alias("champion", champion)
+    decision = decide([_candidate("2", 0.1)], small_data)
+    assert decision.promoted
+    assert decision.previous_acc is not None and math.isnan(decision.previous_acc)
+
