@@ -15,7 +15,6 @@ import platform
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -34,6 +32,7 @@ from model.predict import predict
 from model.train import FitResult, TrainConfig, fit
 from tasks import plots, registry
 from tasks.data import log_dataset
+from tasks.metrics import MetricSink
 from tasks.settings import Settings
 from tasks.storage import MissingObjectError, open_store
 
@@ -110,11 +109,18 @@ def train_variant(
                           json.dumps({"run_id": run.info.run_id}).encode())
                 _log_params(job, data)
                 log_dataset(data)
-            client = mlflow.MlflowClient()
-            progress = _EpochLogger(client, run.info.run_id, job, logger,
+            sink = MetricSink(mlflow.MlflowClient(), run.info.run_id, on_error=lambda exc:
+                              logger.warning("MLflow did not take metrics, retrying: %s", exc))
+            progress = _EpochLogger(sink, job, logger,
                                     lambda: store.put_file(key, ckpt_dir / CHECKPOINT_NAME))
-            result = fit(job.config, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir)
-            _log_final(client, run.info.run_id, result)
+            try:
+                result = fit(job.config, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir)
+            except BaseException:
+                sink.close(timeout=10)  # deliver what it can; the failure is the news
+                raise
+            _log_final(sink, result)
+            # Every metric is in MLflow before anything is registered, or the run fails.
+            sink.close(timeout=float(os.environ.get("CIFAR_METRICS_FLUSH_SECONDS", "300")))
             _log_artifacts(job, data, result)
             version = register_version(job, data, result)
             outcome = VariantResult(
@@ -146,18 +152,14 @@ def register_version(job: Job, data: Dataset, result: FitResult):
 class _EpochLogger:
     """on_epoch_end: the checkpoint goes to object storage first, then metrics to MLflow."""
 
-    def __init__(self, client, run_id, job, logger, upload_checkpoint):
-        self.client, self.run_id, self.job, self.logger = client, run_id, job, logger
+    def __init__(self, sink: MetricSink, job: Job, logger, upload_checkpoint):
+        self.sink, self.job, self.logger = sink, job, logger
         self.upload_checkpoint = upload_checkpoint
 
     def __call__(self, metrics: dict[str, float]) -> None:
         self.upload_checkpoint()
         epoch = int(metrics["epoch"])
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(key, float(value), now, epoch) for key, value in metrics.items()
-            if key != "epoch"
-        ])
+        self.sink.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         self.logger.info(
             "%s epoch %d/%d: train loss %.3f acc %.2f%%, val loss %.3f acc %.2f%%, %.1f s",
             self.job.name, epoch + 1, self.job.config.epochs, metrics["train/loss"],
@@ -190,15 +192,11 @@ def _log_params(job: Job, data: Dataset) -> None:
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
 
 
-def _log_final(client, run_id: str, result: FitResult) -> None:
+def _log_final(sink: MetricSink, result: FitResult) -> None:
     step = len(result.history) - 1
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[
-        Metric(f"final/{key}", float(value), now, step) for key, value in result.metrics.items()
-    ] + [
-        Metric(key, float(result.metrics[key]), now, step)
-        for key in ("test/acc",) if key in result.metrics
-    ])
+    sink.log({f"final/{key}": value for key, value in result.metrics.items()}, step=step)
+    if "test/acc" in result.metrics:
+        sink.log({"test/acc": result.metrics["test/acc"]}, step=step)
 
 
 def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
