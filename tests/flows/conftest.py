@@ -42,23 +42,6 @@ _CLEARED_ENV = (
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect server (SQLite) for the whole session: it takes seconds to start."""
-    from prefect.logging.configuration import ensure_logging_setup
-    from prefect.testing.utilities import prefect_test_harness
-
-    # Prefect configures logging at its first flow run and binds its console handler to
-    # whatever sys.stderr is then; if that is a test's capsys stream, later tests log to a
-    # closed file. Configure it now, against the session's stderr.
-    ensure_logging_setup()
-    # The server subprocess inherits the environment: no telemetry calls from a sandbox.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-
-
-@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Decoded arrays of the shared Parquet: the 50,000 JPEGs are decoded once per session."""
     return tmp_path_factory.mktemp("cifar10-cache")

@@ -179,20 +179,6 @@ def closed_endpoint() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API (its own SQLite database, a server subprocess) for tests
-    that run flows. Not autouse: storage-only tests do not pay for it."""
-    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    # Analytics off: its heartbeat races the harness's first writes to SQLite and logs
-    # "database is locked" tracebacks; the harness server inherits these settings.
-    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: False}), \
-            prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 @pytest.fixture(scope="module")
 def pipeline_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pytest.MonkeyPatch]:
     """A fresh CIFAR_STATE_DIR and no inherited pipeline or MLflow settings, for the whole
