@@ -1,0 +1,52 @@
+"""A loss that turns NaN fails the training flow: nothing is registered and `champion`
+stays where it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from flows.train import TrainConfig, train
+from model.nets import build_model
+from tasks import registry
+from tasks.settings import REGISTERED_MODEL, Settings
+
+PARQUET = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / \
+    "cifar10-jpeg" / "train.parquet"
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+class DivergingLoss(torch.nn.CrossEntropyLoss):
+    """Cross-entropy that blows up, as a too-large learning rate would."""
+
+    def forward(self, logits, target):
+        return super().forward(logits, target) * float("nan")
+
+
+def test_a_nan_loss_fails_the_flow_registers_nothing_and_keeps_the_champion(
+    state, monkeypatch
+):
+    monkeypatch.setenv("CIFAR_STATE_DIR", str(state))
+    Settings.from_env().apply()
+    with mlflow.start_run():
+        champion = registry.register(build_model("light"), variant="light",
+                                     tags={"val_acc": "0.1"}, tta=False)
+    registry.set_alias(registry.CHAMPION, champion.version)
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", DivergingLoss)
+    config = TrainConfig(variants=["light"], epochs=1, batch_size=32, train_size=64,
+                         val_size=32, data_source=str(PARQUET))
+    state_after = train(config, return_state=True)
+
+    assert state_after.is_failed()
+    with pytest.raises(RuntimeError, match=r"every training job failed.*NonFiniteLossError"):
+        state_after.result()
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    assert [v.version for v in versions] == [champion.version]
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version == \
+        champion.version
