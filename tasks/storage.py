@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from model.checkpoint import fsync_dir as _fsync_dir
+
 if TYPE_CHECKING:
     import pyarrow
 
@@ -139,20 +141,6 @@ class ObjectStore(abc.ABC):
 
 
 # --------------------------------------------------------------------------- local
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_atomically(target: Path, write: Any, *, exclusive: bool) -> None:
