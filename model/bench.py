@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workers = 0
         args.val_size = min(args.val_size, 64)
         args.train_size = args.train_size or 64
-        args.predict_images = min(args.predict_images, 256)
+        args.predict_images = min(args.predict_images, 64)
     elif not args.data:
         p.error("--data is required (or use --smoke)")
     return args

@@ -38,3 +38,17 @@ def test_smoke_benchmark_runs_every_recipe_and_variant(tmp_path):
         (rc, v) for rc in ("reference", "paper", "fast") for v in ("deep", "light")}
     assert "paper/deep:" in result.stdout and "fast/light:" in result.stdout
     assert all(r["images_per_second"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_predict_mode_times_both_variants_with_and_without_tta(tmp_path):
+    out = tmp_path / "predict.json"
+    result = subprocess.run([sys.executable, "-m", "model.bench", "--smoke", "--predict",
+                             "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["predict"]
+    assert {(r["variant"], r["tta"]) for r in rows} == {
+        (v, t) for v in ("deep", "light") for t in (False, True)}
+    assert all(r["images"] == 64 and r["images_per_second"] > 0 for r in rows)
+    assert "predict light" in result.stdout
