@@ -51,15 +51,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from pydantic import ValidationError
 
+    from flows.train import JobsFailedError
     from model.checkpoint import CheckpointError
     from model.data import InvalidInputError
+    from tasks.metrics import TrackingUnavailableError
     from tasks.registry import RegistryError
     from tasks.storage import StorageError
 
     try:
         return args.handler(args)
     except (ValidationError, InvalidInputError, RegistryError, StorageError, CheckpointError,
-            ValueError) as exc:
+            JobsFailedError, TrackingUnavailableError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

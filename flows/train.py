@@ -104,7 +104,7 @@ def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen 
         else:
             results, failed = _run_here(configs, run_key, data, settings, parent.info.run_id)
         if not results:
-            raise RuntimeError(f"every training job failed: {failed}")
+            raise JobsFailedError(f"every training job failed: {failed}")
         for name, why in failed.items():
             logger.error("job %s failed, continuing with the others: %s", name, why)
         decision: Promotion = promote(results, data, settings)
