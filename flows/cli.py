@@ -29,6 +29,8 @@ def _configure_environment(state_dir: str | None) -> Path:
         # The embedded default: an in-process Prefect API whose database lives here too.
         os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # model/ logs batch progress through the standard logging module; show it in the runs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "model")
     # The first start migrates a fresh SQLite database; a busy laptop needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_environment(args.state_dir)
+    import logging
+
+    logging.getLogger("model").setLevel(logging.INFO)  # batch progress of slow epochs
     if args.command == "stack":
         # Only starts a script: spare it the seconds of importing torch and mlflow below.
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -31,6 +32,8 @@ from model import augment, checkpoint
 from model.data import Dataset, Split
 from model.nets import build_model, count_parameters
 from model.predict import evaluate, resolve_device, to_device_images
+
+log = logging.getLogger(__name__)
 
 Recipe = Literal["reference", "paper", "fast"]
 
@@ -78,6 +81,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 FAST_REFERENCE_BATCH = 512  # images: the batch size at which `fast`'s lr applies as given
+PROGRESS_SECONDS = 10.0  # at most one batch-progress log line per this many seconds
 PLATEAU_FACTOR = 0.1  # the report's ReduceLROnPlateau settings
 PLATEAU_PATIENCE = 5  # epochs
 
@@ -219,8 +223,8 @@ def fit(
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for x, y in loader.epoch(epoch):  # x: (B, 3, 32, 32) normalised float, y: (B,)
+        seen, last_report = 0, started
+        for step, (x, y) in enumerate(loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = step_model(x)
                 loss = criterion(out, y)
@@ -233,6 +237,12 @@ def fit(
             loss_sum += loss.detach().float() * y.shape[0]
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.shape[0]
+            if time.perf_counter() - last_report > PROGRESS_SECONDS:
+                # Slow epochs (a CPU, the reference pipeline) say where they are; fast ones
+                # stay quiet. Reads only host-side counters: no device sync.
+                last_report = time.perf_counter()
+                log.info("epoch %d/%d: batch %d/%d", epoch + 1, config.epochs, step + 1,
+                         loader.steps_per_epoch)
         lr = optimizer.param_groups[0]["lr"]
         val_loss, val_acc = evaluate(step_model, val_images, val_labels, **eval_kwargs)
         if device.type == "cuda":

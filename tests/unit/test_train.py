@@ -169,3 +169,15 @@ def test_empty_validation_split_is_refused(tiny):
     data = Dataset(tiny.train, empty, None, tiny.classes, "x", "x")
     with pytest.raises(ValueError, match="validation split is empty"):
         fit(cpu_config("fast", epochs=1), data)
+
+
+def test_slow_epochs_report_batch_progress(tiny, monkeypatch, caplog):
+    import logging
+
+    import model.train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="model.train"):
+        fit(cpu_config("fast", epochs=1), tiny)
+    lines = [r.getMessage() for r in caplog.records if r.name == "model.train"]
+    assert lines == ["epoch 1/1: batch 1/2", "epoch 1/1: batch 2/2"]
