@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
+    import numpy as np
+
     from flows.train import TrainConfig, train
     from model.data import load_dataset, write_competition_pickle
     from model.profiles import resolve_profile
@@ -95,7 +97,7 @@ def cmd_run(args) -> int:
                             seed=config.split_seed, cache_dir=settings.cache_dir)
         path = settings.state_dir / "selfcheck" / f"{data.val.digest[:16]}.pkl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_competition_pickle(path, np_arange(len(data.val)), data.val.images)
+        write_competition_pickle(path, np.arange(len(data.val)), data.val.images)
         self_check = data.val.labels
         config = config.model_copy(update={"competition_file": str(path)})
     summary = train(config)
@@ -210,12 +212,6 @@ def _csv_accuracy(score: dict, labels) -> float:
     ids = np.array([int(r[0]) for r in rows])
     predicted = np.array([int(r[1]) for r in rows])
     return float((predicted == labels[ids]).mean())
-
-
-def np_arange(n: int):
-    import numpy as np
-
-    return np.arange(n, dtype=np.int64)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from torch import nn
 from model import augment, checkpoint
 from model.data import Dataset, Split
 from model.nets import build_model, count_parameters
-from model.predict import evaluate, resolve_device, to_device_images
+from model.predict import evaluate, logits, resolve_device, to_device_images
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class FitResult:
     history: list[dict[str, float]]
     metrics: dict[str, float]  # final: val/loss, val/acc, val/acc_tta, test/acc, timings
     resumed_from_epoch: int | None = None  # last epoch found in the checkpoint, if resumed
-    extra: dict[str, Any] = field(default_factory=dict)
+    val_predicted: np.ndarray | None = None  # (V,) labels of the validation split, TTA if set
 
 
 EpochHook = Callable[[dict[str, float]], None]
@@ -274,19 +274,21 @@ def fit(
             on_epoch_end(dict(metrics))
 
     model.eval()
-    final = _final_metrics(config, model, data, device, history, eval_kwargs)
+    final, val_predicted = _final_metrics(config, model, data, device, history, eval_kwargs,
+                                          val_images, val_labels)
     final["compile_seconds"] = compile_seconds
     final["params"] = float(count_parameters(model))
-    return FitResult(model, config, history, final, resumed_from)
+    return FitResult(model, config, history, final, resumed_from, val_predicted)
 
 
-def _final_metrics(config, model, data, device, history, eval_kwargs) -> dict[str, float]:
-    val_images = to_device_images(data.val.images, device)
-    val_labels = torch.from_numpy(data.val.labels).to(device)
+def _final_metrics(config, model, data, device, history, eval_kwargs, val_images, val_labels):
+    """Final metrics, and the validation predictions (with TTA where configured)."""
     final: dict[str, float] = {
         "epochs": float(len(history)),
         "train_seconds": float(sum(h["epoch_seconds"] for h in history)),
     }
+    val_logits = logits(model, val_images, tta=bool(config.tta), **eval_kwargs)
+    predicted = val_logits.argmax(1)
     if history:
         # The last epoch already scored this very model on the validation split.
         final["val/loss"], final["val/acc"] = history[-1]["val/loss"], history[-1]["val/acc"]
@@ -294,8 +296,7 @@ def _final_metrics(config, model, data, device, history, eval_kwargs) -> dict[st
         loss, acc = evaluate(model, val_images, val_labels, **eval_kwargs)
         final["val/loss"], final["val/acc"] = float(loss), float(acc)
     if config.tta:
-        final["val/acc_tta"] = float(evaluate(model, val_images, val_labels, tta=True,
-                                              **eval_kwargs)[1])
+        final["val/acc_tta"] = float((predicted == val_labels).float().mean())
     if data.test is not None and len(data.test):
         test_images = to_device_images(data.test.images, device)
         test_labels = torch.from_numpy(data.test.labels).to(device)
@@ -304,7 +305,7 @@ def _final_metrics(config, model, data, device, history, eval_kwargs) -> dict[st
             final["test/acc_tta"] = float(
                 evaluate(model, test_images, test_labels, tta=True, **eval_kwargs)[1]
             )
-    return final
+    return final, predicted.cpu().numpy().astype(np.int64)
 
 
 # --- data pipelines -------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from prefect.cache_policies import NONE
 from model.checkpoint import CHECKPOINT_NAME
 from model.data import Dataset
 from model.nets import summary
-from model.predict import predict
 from model.train import FitResult, TrainConfig, fit
 from tasks import plots, registry
 from tasks.data import log_dataset
@@ -201,8 +200,8 @@ def _log_final(sink: MetricSink, result: FitResult) -> None:
 
 def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
     title = f"{job.config.variant} ({job.config.recipe}, seed {job.config.seed})"
-    labels, _ = predict(result.model, data.val.images, tta=bool(job.config.tta))
-    matrix = plots.confusion_matrix(data.val.labels, labels)
+    # fit() already predicted the validation split, with TTA where configured.
+    matrix = plots.confusion_matrix(data.val.labels, result.val_predicted)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "curves.png").write_bytes(plots.curves_png(result.history, title))
