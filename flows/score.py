@@ -29,6 +29,7 @@ from model.predict import predict, resolve_device
 from tasks import registry
 from tasks.settings import Settings
 from tasks.storage import ObjectExistsError, ObjectStore, StorageError, open_store
+from tasks.tracking import tracked_run
 
 MANIFEST = "manifest.json"
 
@@ -63,17 +64,34 @@ def read_input(uri: str) -> tuple[np.ndarray, np.ndarray, str]:
       retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=lambda task, run, state: _transient(state))
 def write_outputs(store: ObjectStore, prefix: str, files: dict[str, bytes],
-                  manifest: dict) -> dict:
-    """Data objects first, the manifest last and only if absent: a reader that sees the
-    manifest sees complete data, and of two concurrent writers one manifest wins."""
+                  manifest: dict) -> tuple[dict, bool]:
+    """Data objects first, the manifest last, each only if absent: a reader that sees the
+    manifest sees complete data; of two runs scoring the same model and input at once,
+    the first writer of each key wins, and a late run cannot overwrite data that a stored
+    manifest describes. Returns (the stored manifest, whether it is this run's).
+
+    A data object already there is a complete copy of the same result (puts are atomic)
+    from a concurrent run or an earlier try. Its bytes may differ from ours in the last
+    bits of a probability (another device), so the manifest describes what is stored."""
+    entries = dict(manifest["files"])
     for name, payload in files.items():
-        store.put(f"{prefix}/{name}", payload)
+        key = f"{prefix}/{name}"
+        try:
+            store.put(key, payload, if_absent=True)
+        except ObjectExistsError:
+            stored = store.get(key)
+            if stored != payload:
+                entries[name] = {**entries[name], "bytes": len(stored),
+                                 "sha256": hashlib.sha256(stored).hexdigest()}
+    manifest = {**manifest, "files": entries}
     try:
         store.put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode(),
                   content_type="application/json", if_absent=True)
     except ObjectExistsError:
-        return json.loads(store.get(f"{prefix}/{MANIFEST}"))
-    return manifest
+        # Ours too when a retried put found its own first attempt stored.
+        existing = json.loads(store.get(f"{prefix}/{MANIFEST}"))
+        return existing, existing == manifest
+    return manifest, True
 
 
 @flow(name="score-competition", log_prints=True)
@@ -119,10 +137,10 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
         "predict_seconds": seconds,
         "created_at": datetime.now(UTC).isoformat(),
     }
-    manifest = write_outputs(store, prefix, files, manifest)
+    manifest, written = write_outputs(store, prefix, files, manifest)
     manifest_uri = store.uri(f"{prefix}/{MANIFEST}")
     counts = np.bincount(labels, minlength=10)
-    with mlflow.start_run(run_name=f"score v{loaded.version} {input_digest[:8]}"):
+    with tracked_run(run_name=f"score v{loaded.version} {input_digest[:8]}"):
         mlflow.set_tags({"kind": "scoring", "model_version": loaded.version})
         mlflow.log_params({"model_uri": config.model_uri, "model_version": loaded.version,
                            "input_uri": input_uri, "input_digest": input_digest,
@@ -132,9 +150,12 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
     create_link_artifact(key="predictions", link=manifest["files"]["predictions.csv"]["uri"],
                          link_text=f"predictions of {loaded.name} v{loaded.version}",
                          description=f"{len(ids)} rows; manifest {manifest_uri}")
-    logger.info("wrote %d predictions: %s", len(ids), manifest_uri)
+    if written:
+        logger.info("wrote %d predictions: %s", len(ids), manifest_uri)
+    else:
+        logger.info("a concurrent run stored this result first; using it: %s", manifest_uri)
     return {**manifest, "manifest_uri": manifest_uri, "store": store.uri_prefix,
-            "prefix": prefix, "reused": False}
+            "prefix": prefix, "reused": not written}
 
 
 def _csv(ids: np.ndarray, labels: np.ndarray) -> bytes:

@@ -21,6 +21,7 @@ from model.train import TrainConfig as ModelConfig
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
 from tasks.settings import Settings
+from tasks.tracking import tracked_run
 from tasks.training import Job, VariantResult, train_variant
 
 
@@ -93,7 +94,7 @@ def train(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (a frozen 
 
         read_competition_pickle(competition_input(config.competition_file))
 
-    with mlflow.start_run(run_name=f"train-resnets {run_key[:8]}") as parent:
+    with tracked_run(run_name=f"train-resnets {run_key[:8]}") as parent:
         mlflow.log_params({"flow." + k: v for k, v in config.model_dump().items()})
         data = prepare_data(settings, config.data_source, config.val_size, config.train_size,
                             config.split_seed)

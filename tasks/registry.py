@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -32,6 +33,12 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<ve
 
 class RegistryError(LookupError):
     """A model name, alias or version that the registry does not hold, or a bad URI."""
+
+
+class RegistrationError(RuntimeError):
+    """The tracking server did not take a new version, after MLflow's HTTP retries (their
+    number and backoff: MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR).
+    A version is created with all its tags in one call, so none is left half-registered."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,21 @@ def register(
     """Log `network` to the active MLflow run as a pyfunc model and register a new version.
 
     `tags` (recipe, data digest, validation accuracy...) are set on the version along with
-    `variant` and `weights_sha256`.
+    `variant` and `weights_sha256`. Raises RegistrationError when the tracking server cannot
+    be reached.
     """
+    try:
+        return _register(network, variant=variant, tags=tags, tta=tta, name=name)
+    except (MlflowException, OSError, requests.RequestException) as exc:
+        raise RegistrationError(
+            f"could not register a {variant} version of {name!r} at "
+            f"{mlflow.get_tracking_uri()}: {exc}. The checkpoint is kept: rerun with the "
+            "same run key once the tracking server is back"
+        ) from exc
+
+
+def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], tta: bool,
+              name: str) -> mlflow.entities.model_registry.ModelVersion:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         sha = save_weights(network, weights)

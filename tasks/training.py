@@ -34,6 +34,7 @@ from tasks.data import log_dataset
 from tasks.metrics import MetricSink
 from tasks.settings import Settings
 from tasks.storage import MissingObjectError, open_store
+from tasks.tracking import tracked_run
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def train_variant(
         if store.exists(key):
             store.get_file(key, ckpt_dir / CHECKPOINT_NAME)
             logger.info("resuming %s from %s", job.name, store.uri(key))
-        with mlflow.start_run(
+        with tracked_run(
             run_id=run_id,
             run_name=None if run_id else job.name,
             nested=parent_run_id is not None and run_id is None,
