@@ -60,9 +60,7 @@ DEFAULT_CPU_SLOTS = 2  # gpu-pool workers on a machine without GPUs
 CPU_POOL_WORKERS = 1  # workers on the cpu pool (parent flows, data preparation)
 HEALTH_TIMEOUT = 180.0  # seconds for all services to answer; Prefect's first start migrates
 WORKER_TIMEOUT = 90.0  # seconds for the workers to report to their pools
-MOTO_ENV = {  # moto accepts any credentials; never hand it (or write down) real ones
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+MOTO_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",  # pyarrow would ask EC2 for a region otherwise
 }
@@ -173,19 +171,35 @@ def port_free(port: int) -> bool:
 # --------------------------------------------------------------------------- secrets
 
 
-def secrets_for(stack: Stack) -> dict[str, str]:
-    """Passwords generated on the first `up --auth` and kept (0600) for later ones: the
-    MLflow admin user is created with the first password it is given."""
-    path = stack.root / "secrets.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    values = {
+def _new_secrets() -> dict[str, str]:
+    return {
+        # moto accepts any credentials: each stack gets its own random pair, so that no
+        # real key is ever handed to it and a leak of these is recognisable.
+        "s3_access_key_id": f"STACK{secrets.token_hex(8).upper()}",
+        "s3_secret_access_key": secrets.token_urlsafe(30),
         "mlflow_admin_password": secrets.token_urlsafe(24),
         "mlflow_flask_secret_key": secrets.token_urlsafe(32),
         "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(24)}",
     }
-    workers._write_atomically(path, json.dumps(values, indent=2) + "\n", mode=0o600)
+
+
+def secrets_for(stack: Stack) -> dict[str, str]:
+    """Credentials generated on the first `up` and kept (0600) for later ones: the MLflow
+    admin user is created with the first password it is given."""
+    path = stack.root / "secrets.json"
+    values = json.loads(path.read_text()) if path.exists() else {}
+    missing = {k: v for k, v in _new_secrets().items() if k not in values}
+    if missing:
+        values.update(missing)
+        workers._write_atomically(path, json.dumps(values, indent=2) + "\n", mode=0o600)
     return values
+
+
+def moto_env(stack: Stack) -> dict[str, str]:
+    """What clients of the stack's moto server (and moto itself) are given."""
+    secret = secrets_for(stack)
+    return {**MOTO_ENV, "AWS_ACCESS_KEY_ID": secret["s3_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": secret["s3_secret_access_key"]}
 
 
 def mlflow_auth_config(stack: Stack, secret: Mapping[str, str]) -> Path:
@@ -218,7 +232,7 @@ def client_env(stack: Stack) -> dict[str, str]:
         "CIFAR_PROJECT_DIR": os.environ.get("CIFAR_PROJECT_DIR") or str(REPO),
     }
     if stack.s3_external is None:
-        env.update(MOTO_ENV)
+        env.update(moto_env(stack))
     if stack.auth:
         secret = secrets_for(stack)
         env["PREFECT_API_AUTH_STRING"] = secret["prefect_api_auth_string"]
@@ -268,7 +282,7 @@ def service_spec(stack: Stack, name: str) -> workers.Spec:
     port = str(stack.ports[name])
     env = _base_env()
     if name == "moto":
-        env.update(MOTO_ENV)
+        env.update(moto_env(stack))
         argv = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", port]
         return workers.Spec(name, argv, env, str(stack.root))
     if name == "prefect":
@@ -292,7 +306,7 @@ def service_spec(stack: Stack, name: str) -> workers.Spec:
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         )
         if stack.s3_external is None:
-            env.update(MOTO_ENV)
+            env.update(moto_env(stack))
         argv = [workers.tool("mlflow"), "server", "--host", HOST, "--port", port,
                 "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts",
@@ -332,8 +346,9 @@ def s3_client(stack: Stack):
 
     options = {}
     if stack.s3_external is None:
-        options = {"aws_access_key_id": MOTO_ENV["AWS_ACCESS_KEY_ID"],
-                   "aws_secret_access_key": MOTO_ENV["AWS_SECRET_ACCESS_KEY"]}
+        env = moto_env(stack)
+        options = {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+                   "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1})
     return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name=region,

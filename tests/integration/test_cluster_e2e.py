@@ -6,6 +6,8 @@ children must run on different workers at the same time, register their versions
 promotion event must trigger `score-competition`, whose predictions land in the bucket.
 Then a worker is SIGKILLed in the middle of a child run, and the rerun resumes from the
 checkpoint in S3 and registers one version. Last, a real browser looks at both UIs.
+
+The stack is the session's (`stack` in tests/conftest.py); this module runs first on it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,63 +25,12 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-STACK = REPO / "infra" / "stack.py"
 SHARED = REPO.parent / "shared" / "datasets"
 PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
 SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
 OUTPUT = REPO / "test-output"
-CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "PREFECT_API_URL",
-           "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME", "PREFECT_PROFILE",
-           "MLFLOW_TRACKING_URI", "CIFAR_STATE_DIR", "CIFAR_OBJECT_STORE"]
 SMALL = {"epochs": 1, "batch_size": 64, "train_size": 256, "val_size": 128,
          "data_source": str(PARQUET)}
-
-
-def _read_env_file(path: Path) -> dict[str, str]:
-    out = subprocess.run(["bash", "-c", f"set -a; . {path}; env -0"], env={},
-                         capture_output=True, check=True).stdout
-    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
-    return {k: v for k, v in env.items() if k not in ("PWD", "SHLVL", "_")}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack-state")
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    # The first 200 images of the shared sample: scoring on CPU workers stays quick.
-    from model.data import read_competition_pickle, write_competition_pickle
-
-    ids, images = read_competition_pickle(SAMPLE)
-    competition = state / "competition-200.pkl"
-    write_competition_pickle(competition, ids[:200], images[:200])
-    env.update(CIFAR_COMPETITION_FILE=str(competition), CIFAR10_SOURCE=str(PARQUET))
-    cmd = [sys.executable, str(STACK)]
-    up = subprocess.run([*cmd, "up", "--state-dir", str(state), "--cpu-slots", "--workers", "2"],
-                        env=env, capture_output=True, text=True, timeout=600)
-    try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        client_env = _read_env_file(state / "stack" / "env")
-        saved = {k: os.environ.get(k) for k in client_env}
-        os.environ.update(client_env)
-        import mlflow
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        previous_uri = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(client_env["MLFLOW_TRACKING_URI"])
-        # A Prefect test harness started earlier in the session overrides the environment;
-        # these settings take precedence over it.
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
-                yield {"state": state, "env": env, "client_env": client_env, "cmd": cmd}
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    finally:
-        subprocess.run([*cmd, "down", "--state-dir", str(state)], env=env, timeout=120)
 
 
 def _prefect():

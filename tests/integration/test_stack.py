@@ -164,7 +164,12 @@ def test_env_file_points_clients_at_the_stack_and_is_private(stack: Stack):
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL_S3"]
     assert env["CIFAR_OBJECT_STORE"] == "s3://cifar-pipeline/objects"
     assert env["CIFAR_STATE_DIR"] == str(stack.state.resolve())
-    assert env["AWS_ACCESS_KEY_ID"] == "testing"  # moto's fake credentials, never real ones
+    # moto's credentials are the stack's own random pair, never real ones nor fixed ones.
+    secret = json.loads((stack.root / "secrets.json").read_text())
+    assert env["AWS_ACCESS_KEY_ID"] == secret["s3_access_key_id"]
+    assert env["AWS_ACCESS_KEY_ID"].startswith("STACK")
+    assert len(env["AWS_SECRET_ACCESS_KEY"]) >= 40
+    assert stat.S_IMODE((stack.root / "secrets.json").stat().st_mode) == 0o600
 
 
 def test_work_pools_gpu_and_cpu_exist_as_process_pools(stack: Stack):

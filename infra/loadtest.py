@@ -1,0 +1,310 @@
+"""Load on the local stack: many smoke-profile trainings and scorings at once.
+
+    python infra/loadtest.py --state-dir .stack [--trainings 20] [--scorings 50]
+
+Submits `--trainings` train-variant runs (the smoke profile, each its own seed and run key)
+and `--scorings` score-competition runs (each on its own slice of the competition file,
+all with one model version registered for the purpose) through the Prefect API of a stack
+that `infra/stack.py up` started. It waits for all of them and then checks that nothing was
+lost or duplicated:
+
+- every flow run Completed;
+- every training left one `registered.json`, and the registry holds exactly one version
+  per training run key, no more;
+- the bucket holds exactly one complete set of outputs (CSV, Parquet, manifest) per
+  scoring input, under this load run's own prefix, and nothing else there.
+
+It prints a throughput table and exits non-zero if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import secrets
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+TRAIN_DEPLOYMENT = "train-variant/train-variant"
+SCORE_DEPLOYMENT = "score-competition/score-competition"
+BUCKET = "cifar-pipeline"
+OUTPUT_FILES = ("predictions.csv", "predictions.parquet", "manifest.json")
+
+
+class LoadError(RuntimeError):
+    """The stack is not there, or a precondition of the load run does not hold."""
+
+
+@dataclass
+class KindReport:
+    kind: str
+    submitted: int
+    completed: int = 0
+    failed: list[str] = field(default_factory=list)
+    run_seconds: list[float] = field(default_factory=list)
+    first_start: float | None = None
+    last_end: float | None = None
+
+    @property
+    def busy_seconds(self) -> float:
+        """From the first run's start to the last run's end, as the server recorded them."""
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+    @property
+    def per_minute(self) -> float:
+        return 60 * self.completed / self.busy_seconds if self.busy_seconds else 0.0
+
+
+@dataclass
+class LoadReport:
+    tag: str
+    kinds: list[KindReport]
+    wall_seconds: float
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def table(self) -> str:
+        head = ("| runs | submitted | completed | failed | busy s | runs/min | "
+                "median run s | p95 run s |")
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        for k in self.kinds:
+            times = sorted(k.run_seconds) or [0.0]
+            p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+            lines.append(
+                f"| {k.kind} | {k.submitted} | {k.completed} | {len(k.failed)} | "
+                f"{k.busy_seconds:.0f} | {k.per_minute:.1f} | "
+                f"{statistics.median(times):.1f} | {p95:.1f} |")
+        total = sum(k.completed for k in self.kinds)
+        lines.append(f"\nall {total} runs in {self.wall_seconds:.0f} s wall "
+                     f"({60 * total / self.wall_seconds:.1f} runs/min); load tag {self.tag}")
+        lines.append("checks: " + ("all passed" if self.ok else "; ".join(self.problems)))
+        return "\n".join(lines)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines `infra/stack.py up` writes to <state>/stack/env."""
+    if not path.is_file():
+        raise LoadError(f"{path} does not exist: start the stack with "
+                        "`python infra/stack.py up --state-dir DIR` first")
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
+    """`count` distinct competition files of `rows` images from the file at `path`."""
+    from model.data import read_competition_pickle
+
+    ids, images = read_competition_pickle(path)
+    if count * rows > len(ids):
+        raise LoadError(f"{path} holds {len(ids)} images; {count} scorings of {rows} "
+                        f"distinct images need {count * rows}")
+    out = []
+    for i in range(count):
+        part = slice(i * rows, (i + 1) * rows)
+        out.append(pickle.dumps({b"data": images[part], b"ids": ids[part]}, protocol=4))
+    return out
+
+
+def _register_scoring_model(tag: str) -> str:
+    """One version for all the scorings, so their outputs do not depend on which training
+    finishes first. Returns its version number."""
+    import mlflow
+
+    from model.nets import build_model
+    from tasks import registry
+    from tasks.settings import Settings
+
+    Settings.from_env().apply()
+    with mlflow.start_run(run_name=f"loadtest {tag} scoring model"):
+        mv = registry.register(build_model("light"), variant="light", tta=False,
+                               tags={"recipe": "untrained", "loadtest": tag})
+    return str(mv.version)
+
+
+def _wait(client, run_ids: Sequence, timeout: float, poll: float = 2.0) -> dict:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    final: dict = {}
+    while len(final) < len(run_ids):
+        pending = [i for i in run_ids if i not in final]
+        for start in range(0, len(pending), 200):
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=pending[start:start + 200])))
+            final.update({r.id: r for r in runs if r.state is not None and r.state.is_final()})
+        if len(final) < len(run_ids):
+            if time.monotonic() > deadline:
+                raise LoadError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did not "
+                                f"finish within {timeout:.0f} s")
+            time.sleep(poll)
+    return final
+
+
+def _summarise(kind: str, runs: list) -> KindReport:
+    report = KindReport(kind, len(runs))
+    for run in runs:
+        if run.state.is_completed():
+            report.completed += 1
+        else:
+            report.failed.append(f"{run.name}: {run.state.type.value} {run.state.message}")
+        if run.start_time and run.end_time:
+            start, end = run.start_time.timestamp(), run.end_time.timestamp()
+            report.run_seconds.append(end - start)
+            report.first_start = min(report.first_start or start, start)
+            report.last_end = max(report.last_end or end, end)
+    return report
+
+
+def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
+             data_source: str | None = None, rows: int = 20, timeout: float = 3600,
+             tag: str | None = None) -> LoadReport:
+    """Submit the load through the Prefect API and MLflow of the stack this process's
+    environment points at (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL_S3)."""
+    import boto3
+    import mlflow
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from model.profiles import PROFILES
+
+    tag = tag or f"load-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3"))
+    started = time.monotonic()
+
+    version = _register_scoring_model(tag) if scorings else None
+    inputs = _competition_slices(competition_file, scorings, rows) if scorings else []
+    for i, body in enumerate(inputs):
+        s3.put_object(Bucket=BUCKET, Key=f"loadtest/{tag}/inputs/{i:03d}.pkl", Body=body)
+
+    smoke = PROFILES["smoke"]
+    train_ids, score_ids = [], []
+    for i in range(trainings):
+        job = {"model": {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides},
+               "run_key": f"{tag}-{i:03d}", "data_source": data_source,
+               "train_size": smoke.train_size, "val_size": smoke.val_size}
+        run = run_deployment(TRAIN_DEPLOYMENT, parameters={"job": job}, timeout=0,
+                             flow_run_name=f"{tag}-train-{i:03d}")
+        train_ids.append(run.id)
+    for i in range(scorings):
+        config = {"model_uri": f"models:/cifar10-resnet/{version}",
+                  "input_uri": f"s3://{BUCKET}/loadtest/{tag}/inputs/{i:03d}.pkl",
+                  "output": f"s3://{BUCKET}/loadtest/{tag}/predictions",
+                  "tta": False, "device": "cpu"}
+        run = run_deployment(SCORE_DEPLOYMENT, parameters={"config": config}, timeout=0,
+                             flow_run_name=f"{tag}-score-{i:03d}")
+        score_ids.append(run.id)
+
+    with get_client(sync_client=True) as client:
+        final = _wait(client, train_ids + score_ids, timeout)
+    wall = time.monotonic() - started
+    kinds = [_summarise("train-variant (smoke)", [final[i] for i in train_ids]),
+             _summarise("score-competition", [final[i] for i in score_ids])]
+    problems = [f"{k.kind} {failure}" for k in kinds for failure in k.failed]
+    problems += _check_registry(s3, mlflow.MlflowClient(), tag, trainings)
+    problems += _check_predictions(s3, tag, scorings, version)
+    return LoadReport(tag, kinds, wall, problems)
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _check_registry(s3, mlflow_client, tag: str, trainings: int) -> list[str]:
+    problems = []
+    results = {}
+    for i in range(trainings):
+        keys = [k for k in _keys(s3, f"objects/runs/{tag}-{i:03d}/")
+                if k.endswith("/registered.json")]
+        if len(keys) != 1:
+            problems.append(f"run key {tag}-{i:03d} left {len(keys)} registered.json")
+            continue
+        results[i] = json.loads(s3.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read())
+    versions = [r["version"] for r in results.values()]
+    if len(set(versions)) != len(versions):
+        problems.append(f"trainings share registry versions: {sorted(versions)}")
+    for i, result in results.items():
+        registered = mlflow_client.search_model_versions(f"run_id='{result['run_id']}'")
+        if [v.version for v in registered] != [result["version"]]:
+            problems.append(f"run key {tag}-{i:03d}: the registry holds versions "
+                            f"{[v.version for v in registered]} for its run, expected "
+                            f"[{result['version']}]")
+    return problems
+
+
+def _check_predictions(s3, tag: str, scorings: int, version: str | None) -> list[str]:
+    keys = _keys(s3, f"loadtest/{tag}/predictions/")
+    sets: dict[str, set[str]] = {}
+    for key in keys:
+        prefix, _, name = key.rpartition("/")
+        sets.setdefault(prefix, set()).add(name)
+    problems = []
+    if len(sets) != scorings:
+        problems.append(f"{len(sets)} prediction sets in the bucket, expected {scorings}")
+    for prefix, names in sets.items():
+        if names != set(OUTPUT_FILES):
+            problems.append(f"{prefix} holds {sorted(names)}, expected {list(OUTPUT_FILES)}")
+            continue
+        if f"/cifar10-resnet-v{version}/" not in f"/{prefix}/":
+            problems.append(f"{prefix} is not from the scoring model version {version}")
+        manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")
+                              ["Body"].read())
+        body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/predictions.csv")["Body"].read()
+        rows = len(io.BytesIO(body).read().decode().strip().splitlines()) - 1
+        if rows != manifest["rows"]:
+            problems.append(f"{prefix}/predictions.csv has {rows} rows, manifest says "
+                            f"{manifest['rows']}")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=Path(".stack"),
+                        help="the stack's state directory (infra/stack.py up --state-dir)")
+    parser.add_argument("--trainings", type=int, default=20)
+    parser.add_argument("--scorings", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=20, help="images per scoring input")
+    parser.add_argument("--competition-file", default=environ.get("CIFAR_COMPETITION_FILE"),
+                        help="scoring inputs are slices of it (default $CIFAR_COMPETITION_FILE)")
+    parser.add_argument("--data-source", default=None,
+                        help="training data (default: the workers' $CIFAR10_SOURCE)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds for all runs")
+    args = parser.parse_args(argv)
+    if args.trainings < 0 or args.scorings < 0 or args.rows < 1:
+        parser.error("--trainings and --scorings must be >= 0 and --rows >= 1")
+    if args.scorings and not args.competition_file:
+        parser.error("scoring needs --competition-file or $CIFAR_COMPETITION_FILE")
+    try:
+        os.environ.update(read_env_file(args.state_dir / "stack" / "env"))
+        report = run_load(args.trainings, args.scorings, competition_file=args.competition_file,
+                          data_source=args.data_source, rows=args.rows, timeout=args.timeout)
+    except LoadError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return 2
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
