@@ -337,6 +337,9 @@ def worker_file_name(pool: str, worker: str) -> str:
     return f"worker.{pool}.{worker}"
 
 
+QUERY_SECONDS = 2
+
+
 def worker_argv(prefect: str, pool: str, name: str, limit: int) -> list[str]:
     return [prefect, "worker", "start", "--pool", pool, "--type", "process",
             "--name", name, "--limit", str(limit)]
@@ -356,6 +359,9 @@ class Worker:
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         env = dict(base)
+        # How often an idle worker asks for work: a GPU that finishes a run starts the next
+        # queued one within seconds instead of Prefect's default 10.
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(QUERY_SECONDS))
         if self.gpu is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
         else:

@@ -71,6 +71,10 @@ def test_one_worker_per_gpu_each_pinned_to_its_gpu_and_taking_one_run():
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # nvidia-smi's numbering
     assert env["PATH"] == "/bin"
     assert plan[1].file_name == "worker.gpu.node7-gpu1"
+    # Idle workers poll every 2 s unless the environment says otherwise.
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "2"
+    assert plan[1].environment({"PREFECT_WORKER_QUERY_SECONDS": "15"})[
+        "PREFECT_WORKER_QUERY_SECONDS"] == "15"
 
 
 def test_only_some_gpus_and_unknown_ones_are_refused():
