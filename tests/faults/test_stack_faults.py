@@ -34,7 +34,7 @@ SAMPLE = REPO.parent / "shared" / "datasets" / "competition-sample" / \
 # The README's figures come from `infra/loadtest.py` at 20 + 50; the suite checks the same
 # invariants at a scale that fits its time budget.
 LOAD_TRAININGS = int(os.environ.get("CIFAR_TEST_LOAD_TRAININGS", "2"))
-LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "8"))
+LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "4"))
 
 
 def _loadtest():
@@ -90,10 +90,10 @@ def test_a_prefect_server_restart_mid_run_keeps_the_run_right_and_workers_reconn
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
     workers_before = {n: p for n, p in _pids(stack["state"]).items() if n.startswith("worker.")}
-    job = {"model": {"recipe": "fast", "variant": "light", "epochs": 4, "batch_size": 32,
+    job = {"model": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
                      "seed": 11},
            "run_key": "prefect-restart", "data_source": str(PARQUET), "val_size": 64,
-           "train_size": 192}
+           "train_size": 128}
     run = run_deployment("train-variant/train-variant", parameters={"job": job}, timeout=0)
 
     # Wait until training is under way: its first checkpoint is in S3.
@@ -217,4 +217,4 @@ def test_no_stack_credential_is_in_mlflow_the_bucket_or_prefect(stack):
     assert leaks == []
     # The scan saw the runs of this session's stack: it could have found something.
     assert scanned["mlflow runs"] >= 5 and scanned["objects"] >= 20
-    assert scanned["prefect logs"] >= 50 and scanned["flow runs"] >= 10
+    assert scanned["prefect logs"] >= 50 and scanned["flow runs"] >= 8
