@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +28,18 @@ import torch
 
 from model.data import Dataset, Split, load_dataset
 from model.nets import build_model, summary
-from model.predict import predict, resolve_device
+from model.predict import (
+    inference_model,
+    logits,
+    predict,
+    resolve_device,
+    to_device_images,
+)
 from model.train import TrainConfig, fit
 
 H100_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity)
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+PREDICT_SLICE = 1000  # images per turn when the old and new prediction paths alternate
 
 
 @dataclass
@@ -84,27 +93,85 @@ def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
 
 
 def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
-    """Time `predict` on up to 10,000 images, model construction apart."""
+    """Time `predict` against the path it replaced on up to 10,000 images, per variant and
+    with and without TTA; model construction apart, `predict`'s own preparation (batch-norm
+    folding) included. The two paths take turns every PREDICT_SLICE images, so that other
+    work on a shared machine slows both alike and their ratio stays fair."""
     images = data.val.images
     if len(images) < args.predict_images:
         reps = -(-args.predict_images // len(images))
         images = np.concatenate([images] * reps)
     images = images[: args.predict_images]
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    kwargs = dict(batch_size=args.predict_batch, device=device, precision=precision)
     out = []
     for variant in args.variants:
         model = build_model(variant).to(device).eval()
-        precision = "bf16" if device.type == "cuda" else "fp32"
-        predict(model, images[:256], device=device, precision=precision)  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        fast_model = inference_model(model, device)  # what predict() does first
+        _sync(device)
+        prepare_seconds = time.perf_counter() - started
+        paths = {"baseline": partial(baseline_predict, model, **kwargs),
+                 "fast": partial(predict, fast_model, fuse=False, **kwargs)}
+        for path in paths.values():  # warm-up: allocator, oneDNN/cuDNN primitives
+            path(images[:256])
         for tta in (False, True):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            predict(model, images, batch_size=args.predict_batch, tta=tta, device=device,
-                    precision=precision)
-            seconds = time.perf_counter() - started
-            out.append({"variant": variant, "tta": tta, "images": len(images),
-                        "seconds": seconds, "images_per_second": len(images) / seconds})
+            seconds = {"baseline": 0.0, "fast": prepare_seconds}
+            results: dict[str, list] = {"baseline": [], "fast": []}
+            for turn, start in enumerate(range(0, len(images), PREDICT_SLICE)):
+                x = images[start : start + PREDICT_SLICE]
+                for name in sorted(paths, reverse=turn % 2 == 1):
+                    _sync(device)
+                    started = time.perf_counter()
+                    results[name].append(paths[name](x, tta=tta))
+                    _sync(device)
+                    seconds[name] += time.perf_counter() - started
+            (base_labels, base_probs), (labels, probs) = (
+                tuple(np.concatenate(part) for part in zip(*results[name], strict=True))
+                for name in ("baseline", "fast"))
+            base_s, fast_s = seconds["baseline"], seconds["fast"]
+            out.append({
+                "variant": variant, "tta": tta, "images": len(images),
+                "baseline_seconds": base_s,
+                "baseline_images_per_second": len(images) / base_s,
+                "seconds": fast_s, "images_per_second": len(images) / fast_s,
+                "speedup": base_s / fast_s,
+                "max_prob_diff": float(np.abs(probs - base_probs).max(initial=0.0)),
+                "labels_differ": int((labels != base_labels).sum()),
+            })
+            _log(f"predict {variant} tta={tta}: baseline {len(images) / base_s:,.0f} img/s, "
+                 f"fast {len(images) / fast_s:,.0f} img/s")
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def baseline_predict(model, images, *, batch_size: int, tta: bool = False, device,
+                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """`predict` as it was before batch-norm folding, channels-last and small CPU batches:
+    the unchanged eval model, NCHW, `batch_size` images per forward pass, one stream."""
+    x = to_device_images(images, device)  # (N, 3, 32, 32) uint8
+    y = logits(model.to(device), x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
+    probs = torch.softmax(y, dim=1)
+    return probs.argmax(1).cpu().numpy().astype(np.int64), probs.cpu().numpy().astype(np.float32)
+
+
+def format_predict_table(rows: list[dict]) -> str:
+    """One line per variant and TTA setting: the old path, the new one and their ratio."""
+    header = (f"{'predict':<8} {'tta':<5} {'images':>7} {'baseline img/s':>14} "
+              f"{'fast img/s':>10} {'speedup':>7} {'max |dp|':>9} {'labels differ':>13}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<8} {r['tta']!s:<5} {r['images']:>7,} "
+            f"{r['baseline_images_per_second']:>14,.0f} {r['images_per_second']:>10,.0f} "
+            f"{r['speedup']:>6.2f}x {r['max_prob_diff']:>9.1e} {r['labels_differ']:>13,}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -186,8 +253,10 @@ def synthetic_dataset(n_train: int, n_val: int, seed: int = 0) -> Dataset:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        # "-dirty" when tracked files differ from the commit: the numbers are not its own.
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                              capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -210,7 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny CPU run, under a minute")
     p.add_argument("--predict", action="store_true", help="time inference instead")
     p.add_argument("--predict-images", type=int, default=10_000)
-    p.add_argument("--predict-batch", type=int, default=1000)
+    p.add_argument("--predict-batch", type=int, default=1000,
+                   help="images per forward pass (predict caps it at 32 on the CPU)")
     p.add_argument("--cache-dir", help="decoded-array cache (default: CIFAR10_CACHE_DIR)")
     p.add_argument("--out", help="write the rows and the environment as JSON here")
     p.add_argument("--verbose", action="store_true", help="print every epoch")
@@ -249,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "load": "/".join(f"{x:.1f}" for x in os.getloadavg()),  # other work on this machine
         "commit": _git_commit(),
         "command": "python -m model.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "train_images": len(data.train),
@@ -259,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"env": env}
     if args.predict:
         pred = run_prediction(args, data, device)
-        for row in pred:
-            print(f"predict {row['variant']:<6} tta={row['tta']!s:<5} {row['images']:,} images "
-                  f"in {row['seconds']:.3f} s = {row['images_per_second']:,.0f} img/s")
+        print(format_predict_table(pred))
         result["predict"] = pred
     else:
         rows = run_training(args, data, device)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from model.augment import normalize
+from model.nets import fuse_for_inference
+
+# Images per forward pass on the CPU: small batches keep each layer's activations in
+# cache. On one core of a 2-core EPYC, folded channels-last light ran at 109 images/s with
+# 32 (16 and 64 alike) and 100 with 128; the old path (unfolded, NCHW, 1000) at 79.
+CPU_BATCH = 32
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -70,6 +78,53 @@ def logits(
     return torch.cat(out)
 
 
+def _cpu_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: bool,
+                bf16: bool, threads: int) -> torch.Tensor:
+    """`logits` as `threads` single-threaded streams over consecutive runs of batches.
+
+    Each stream owns a core and never waits for another, where one multi-threaded stream
+    meets every thread at the end of every op: on a small machine shared with other work,
+    one descheduled thread would stall the rest. OpenMP settings are per thread, so
+    `set_num_threads(1)` in a worker leaves the caller's setting alone.
+    """
+    kwargs = dict(batch_size=batch_size, tta=tta, bf16=bf16, channels_last=True)
+    n_batches = -(-images.shape[0] // batch_size)
+    streams = max(1, min(threads, n_batches))
+    if streams == 1:
+        return logits(model, images, **kwargs)
+    bounds = [batch_size * (n_batches * i // streams) for i in range(1, streams)]
+    parts = torch.tensor_split(images, bounds)
+
+    def stream(part: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(1)
+        return logits(model, part, **kwargs)
+
+    was_training = model.training
+    model.eval()  # here, once: the streams must not toggle a shared module's mode
+    try:
+        with ThreadPoolExecutor(streams) as pool:
+            return torch.cat(list(pool.map(stream, parts)))
+    finally:
+        model.train(was_training)
+
+
+def inference_model(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+    """A copy of `model` made for fast evaluation on `device` (default: where `model` is).
+
+    Batch norm is folded into the convolutions (the same logits up to float rounding), and
+    on the CPU the weights are channels-last, the layout oneDNN's convolutions run fastest
+    in. `model` itself is left as it is. Give the result to `predict(..., fuse=False)` to
+    prepare once and predict many times.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    device = resolve_device(device)
+    fused = fuse_for_inference(model).to(device)
+    if device.type == "cpu":
+        fused = fused.to(memory_format=torch.channels_last)
+    return fused
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kwargs
@@ -88,20 +143,31 @@ def predict(
     tta: bool = False,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    fuse: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels (N,) int64 and probabilities (N, 10) float32 for (N, 32, 32, 3) uint8 images.
 
     Runs on `device` (default: where the model's parameters are). Evaluation-mode batch
     norm makes every image independent of the others, so the result does not depend on
-    `batch_size`. `precision="bf16"` trades a little exactness for speed on a GPU.
+    `batch_size`, which bounds the images per forward pass (at most `CPU_BATCH` on the
+    CPU, the fastest there). With `fuse` (the default) it predicts with
+    `inference_model(model)`, a faster copy; pass `fuse=False` when `model` already is
+    one. On the CPU, `torch.get_num_threads()` single-threaded streams share the batches.
+    `precision="bf16"` trades a little exactness for speed on a GPU.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
-    model = model.to(device)
+    model = inference_model(model, device) if fuse else model.to(device)
     x = to_device_images(images_uint8, device)  # (N, 3, 32, 32) uint8
-    y = logits(model, x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
+    bf16 = precision == "bf16"
+    if device.type == "cpu":
+        y = _cpu_logits(model, x, min(batch_size, CPU_BATCH), tta, bf16, torch.get_num_threads())
+    else:
+        y = logits(model, x, batch_size=batch_size, tta=tta, bf16=bf16)
     probs = torch.softmax(y, dim=1)
     return probs.argmax(1).cpu().numpy().astype(np.int64), probs.cpu().numpy().astype(np.float32)

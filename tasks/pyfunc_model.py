@@ -20,20 +20,22 @@ class CifarResNet(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from model.checkpoint import load_weights
         from model.nets import build_model
-        from model.predict import resolve_device
+        from model.predict import inference_model, resolve_device
 
         config = context.model_config or {}
         self.device = resolve_device("auto")
         self.tta = bool(config.get("tta", False))
         network = build_model(config["variant"])
         load_weights(network, context.artifacts["weights"], config["weights_sha256"])
-        self.network = network.to(self.device).eval()
+        # Batch norm folded into the convs once here, not on every request.
+        self.network = inference_model(network, self.device)
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         from model.predict import predict
 
         images = np.asarray(model_input, dtype=np.uint8)
-        _, probabilities = predict(self.network, images, tta=self.tta, device=self.device)
+        _, probabilities = predict(self.network, images, tta=self.tta, device=self.device,
+                                   fuse=False)
         return probabilities
 
 

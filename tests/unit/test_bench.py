@@ -3,9 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from model.bench import Row, format_ratios, format_table
+from model.bench import Row, baseline_predict, format_predict_table, format_ratios, format_table
+from model.nets import build_model
+from model.predict import predict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,4 +55,29 @@ def test_predict_mode_times_both_variants_with_and_without_tta(tmp_path):
     assert {(r["variant"], r["tta"]) for r in rows} == {
         (v, t) for v in ("deep", "light") for t in (False, True)}
     assert all(r["images"] == 64 and r["images_per_second"] > 0 for r in rows)
-    assert "predict light" in result.stdout
+    assert all(r["baseline_images_per_second"] > 0 and r["speedup"] > 0 for r in rows)
+    # The fast path predicts what the old one did.
+    assert all(r["labels_differ"] == 0 and r["max_prob_diff"] < 1e-4 for r in rows)
+    assert "baseline img/s" in result.stdout and "\nlight " in result.stdout
+
+
+def test_predict_table_shows_the_baseline_the_fast_path_and_their_ratio():
+    rows = [{"variant": v, "tta": t, "images": 10_000, "baseline_images_per_second": 80.0,
+             "images_per_second": 200.0 if v == "light" else 100.0, "speedup": s,
+             "max_prob_diff": 3e-7, "labels_differ": 0}
+            for v, s in (("deep", 1.25), ("light", 2.5)) for t in (False, True)]
+    lines = format_predict_table(rows).splitlines()
+    assert "baseline img/s" in lines[0] and "fast img/s" in lines[0] and "speedup" in lines[0]
+    assert len(lines) == 6
+    assert lines[4].split() == ["light", "False", "10,000", "80", "200", "2.50x", "3.0e-07", "0"]
+    assert lines[3].split()[:2] == ["deep", "True"] and "1.25x" in lines[3]
+
+
+def test_baseline_predict_is_the_unfused_path():
+    torch.manual_seed(0)
+    model = build_model("light").eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    labels, probs = baseline_predict(model, images, batch_size=1000, device=torch.device("cpu"))
+    ref_labels, ref_probs = predict(model, images, fuse=False)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-6)

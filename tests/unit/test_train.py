@@ -1,15 +1,21 @@
+import hashlib
+import json
 import math
 
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import nn
 
 from model import checkpoint
+from model.predict import evaluate, to_device_images
 from model.train import (
+    EMA_WARMUP,
     RECIPE_DEFAULTS,
     NonFiniteLossError,
     TrainConfig,
     WarmupLinearDecay,
+    WeightEMA,
     fit,
 )
 
@@ -45,6 +51,9 @@ def test_recipe_defaults_fill_unset_fields_and_overrides_win():
         ({"lr": math.inf}, "lr"),
         ({"device": "tpu:0"}, "device"),
         ({"optimiser": "adam"}, "optimiser"),
+        ({"ema": -0.1}, "ema"),
+        ({"ema": 1.0}, "ema"),
+        ({"ema": math.nan}, "ema"),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(kw, field):
@@ -57,6 +66,49 @@ def test_hash_ignores_speed_only_fields():
     a = TrainConfig(recipe="fast", device="cpu", workers=0)
     assert a.hash() == TrainConfig(recipe="fast", device="auto", workers=8, compile=True).hash()
     assert a.hash() != TrainConfig(recipe="fast", device="cpu", seed=1).hash()
+
+
+def test_ema_is_off_by_default_and_off_leaves_the_hash_as_it_was():
+    assert all(TrainConfig(recipe=r).ema == 0.0 for r in RECIPE_DEFAULTS)
+    fast = TrainConfig(recipe="fast")
+    # The hash of a config without the field (checkpoints written before it existed).
+    payload = fast.model_dump(exclude={"device", "workers", "compile", "ema"})
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert fast.hash() == TrainConfig(recipe="fast", ema=0).hash() == old
+    assert TrainConfig(recipe="fast", ema=0.99).hash() != old
+
+
+def test_weight_ema_averages_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ema = WeightEMA(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = [p.clone() for p in start]
+    for n in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+            model.train()(torch.randn(8, 4))  # moves the batch-norm statistics
+        ema.update()
+        d = min(0.5, (1 + n) / (EMA_WARMUP + n))
+        expected = [e + (1 - d) * (p.detach() - e) for e, p in zip(expected, model.parameters(),
+                                                                   strict=True)]
+    assert ema.updates == 3
+    for avg, want, now in zip(ema.model.parameters(), expected, model.parameters(),
+                              strict=True):
+        torch.testing.assert_close(avg, want)
+        assert not torch.equal(avg, now)  # an average, not a copy
+    for avg, now in zip(ema.model.buffers(), model.buffers(), strict=True):
+        assert torch.equal(avg, now)
+    # The trained model's weights are its own: three steps of +1 from where they started.
+    for p, s0 in zip(model.parameters(), start, strict=True):
+        torch.testing.assert_close(p.detach(), s0 + 3)
+
+    restored = WeightEMA(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(restored.model.state_dict().values(),
+                                                 ema.model.state_dict().values(), strict=True))
 
 
 def test_warmup_then_linear_decay():
@@ -92,9 +144,10 @@ def test_the_fast_schedule_warms_up_then_decays(tiny):
     assert lrs[1] > lrs[2] > lrs[3] >= 0
 
 
-@pytest.mark.parametrize("recipe", ["reference", "paper", "fast"])
-def test_an_interrupted_run_resumes_to_exactly_the_same_weights(recipe, tiny, tmp_path):
-    config = cpu_config(recipe, epochs=3)
+@pytest.mark.parametrize(("recipe", "ema"), [("reference", 0.0), ("paper", 0.0),
+                                             ("fast", 0.0), ("fast", 0.9)])
+def test_an_interrupted_run_resumes_to_exactly_the_same_weights(recipe, ema, tiny, tmp_path):
+    config = cpu_config(recipe, epochs=3, ema=ema)
     straight = fit(config, tiny, checkpoint_dir=tmp_path / "a")
 
     class Preempted(Exception):
@@ -115,6 +168,30 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_weights(recipe, tiny, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     for ha, hb in zip(straight.history, resumed.history, strict=True):
         assert ha["train/loss"] == hb["train/loss"] and ha["val/acc"] == hb["val/acc"]
+        assert ha["val/loss"] == hb["val/loss"]
+    # The whole final checkpoint, raw weights and their average alike.
+    sa, sb = (checkpoint.load(tmp_path / d / checkpoint.CHECKPOINT_NAME) for d in "ab")
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    if ema:
+        assert sa["ema"]["updates"] == sb["ema"]["updates"] == 3 * 2  # 3 epochs of 2 steps
+        ea, eb = sa["ema"]["model"], sb["ema"]["model"]
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    else:
+        assert sa["ema"] is None and sb["ema"] is None
+
+
+def test_with_ema_the_average_is_validated_and_returned(tiny, tmp_path):
+    result = fit(cpu_config("fast", epochs=2, ema=0.9), tiny, checkpoint_dir=tmp_path)
+    state = checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)
+    returned = result.model.state_dict()
+    assert all(torch.equal(returned[k], v) for k, v in state["ema"]["model"].items())
+    raw = state["model"]
+    assert not all(torch.equal(returned[k], raw[k]) for k in raw)
+    images = to_device_images(tiny.val.images, torch.device("cpu"))
+    loss, acc = evaluate(result.model, images, torch.from_numpy(tiny.val.labels))
+    assert result.history[-1]["val/loss"] == pytest.approx(float(loss))
+    assert result.metrics["val/acc"] == pytest.approx(float(acc))
+    assert result.metrics["params"] == 2_777_674 and not result.model.training
 
 
 def test_a_finished_checkpoint_is_not_trained_again(tiny, tmp_path):
