@@ -86,7 +86,8 @@ def cmd_run(args) -> int:
     config = TrainConfig(
         variants=args.variants.split(","), recipe=args.recipe, data_source=args.data,
         val_size=profile.val_size, train_size=profile.train_size, seeds=[args.seed],
-        **profile.overrides, score_after=True, competition_file=args.competition_file,
+        **profile.overrides_for(args.recipe), score_after=True,
+        competition_file=args.competition_file,
     )
     self_check = None
     if args.competition_file is None:
@@ -240,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-size", type=int)
     tr.add_argument("--train-size", type=int)
     tr.add_argument("--device")
-    tr.add_argument("--compile", action="store_true", default=None)
+    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile the training step (default: on for fast on CUDA)")
     tr.add_argument("--run-key", help="share checkpoints with an earlier run to resume it")
     tr.set_defaults(handler=cmd_train)
 

@@ -45,7 +45,8 @@ class TrainConfig(BaseModel):
     train_size: int | None = Field(None, ge=1, description="train on a stratified subset")
     split_seed: int = Field(0, ge=0, description="seeds the validation hold-out")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    compile: bool = False
+    compile: bool | None = Field(
+        None, description="torch.compile the training step; default: on for `fast` on CUDA")
     score_after: bool = Field(False, description="score the competition file after promotion")
     competition_file: str | None = Field(None, description="input of the scoring step")
     run_key: str | None = Field(

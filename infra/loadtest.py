@@ -200,7 +200,8 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
     smoke = PROFILES["smoke"]
     train_ids, score_ids = [], []
     for i in range(trainings):
-        job = {"model": {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides},
+        model = {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides_for("fast")}
+        job = {"model": model,
                "run_key": f"{tag}-{i:03d}", "data_source": data_source,
                "train_size": smoke.train_size, "val_size": smoke.val_size}
         run = run_deployment(TRAIN_DEPLOYMENT, parameters={"job": job}, timeout=0,

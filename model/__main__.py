@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for variant in [v for v in args.variants.split(",") if v]:
         config = TrainConfig(recipe=args.recipe, variant=variant,
-                             **profile.overrides)
+                             **profile.overrides_for(args.recipe))
 
         def show(m, variant=variant, epochs=config.epochs):
             print(f"{variant} epoch {int(m['epoch']) + 1}/{epochs}: "

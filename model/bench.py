@@ -35,6 +35,7 @@ from model.predict import (
     resolve_device,
     to_device_images,
 )
+from model.profiles import PROFILES
 from model.train import TrainConfig, fit
 
 H100_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity)
@@ -65,12 +66,13 @@ def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
         flops = summary(build_model(variant)).forward_flops * TRAIN_FLOPS_PER_FORWARD
         for recipe in args.recipes:
             for seed in args.seeds:
-                overrides = {"epochs": args.epochs, "batch_size": args.batch_size}
+                overrides = config_overrides(args, recipe)
                 if args.smoke:
                     overrides.setdefault("batch_size", 32)
                 config = TrainConfig(
                     recipe=recipe, variant=variant, seed=seed, device=str(device),
                     workers=args.workers, compile=args.compile,
+                    compile_mode=args.compile_mode,
                     **{k: v for k, v in overrides.items() if v is not None},
                 )
                 _log(f"training {recipe}/{variant} seed {seed}: {config.epochs} epochs, "
@@ -90,6 +92,14 @@ def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
                     m.get("test/acc_tta", m.get("test/acc")),
                 ))
     return rows
+
+
+def config_overrides(args, recipe: str) -> dict:
+    """TrainConfig fields for `recipe`: the profile's, then the options given."""
+    overrides = PROFILES[args.profile].overrides_for(recipe) if args.profile else {}
+    given = dict(epochs=args.epochs, batch_size=args.batch_size, cutout=args.cutout,
+                 ema=args.ema)
+    return {**overrides, **{k: v for k, v in given.items() if v is not None}}
 
 
 def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
@@ -275,7 +285,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--train-size", type=int, help="train on a stratified subset")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (default: on for fast on CUDA)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="reduce-overhead replays each step as CUDA graphs")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="train with a profile's settings (full: fast's best-accuracy budget); "
+                   "the options below override them")
+    p.add_argument("--cutout", type=int, help="cutout square side, pixels (fast)")
+    p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run, under a minute")
     p.add_argument("--predict", action="store_true", help="time inference instead")
     p.add_argument("--predict-images", type=int, default=10_000)

@@ -40,6 +40,10 @@ from model.predict import evaluate, logits, resolve_device, to_device_images
 log = logging.getLogger(__name__)
 
 Recipe = Literal["reference", "paper", "fast"]
+# torch.compile's modes: reduce-overhead replays the step as CUDA graphs (fewer launches),
+# max-autotune also benchmarks kernel choices (longer compile).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_BACKEND = "inductor"  # torch.compile's backend; `mode` applies to inductor only
 
 # Every recipe default, with its unit and its reason. A config field left as None takes
 # the value of its recipe's column.
@@ -119,7 +123,11 @@ class TrainConfig(BaseModel):
         description="weight EMA decay per optimizer step (e.g. 0.999); 0 = off. "
         "The averaged weights are validated, scored and returned; buffers are copied",
     )
-    compile: bool = Field(False, description="torch.compile the model (compile time is timed)")
+    compile: bool | None = Field(
+        None, description="torch.compile the training step (compile time is timed apart); "
+        "default: on for `fast` on CUDA, off otherwise. A failing compile falls back to eager",
+    )
+    compile_mode: CompileMode = Field("default", description="torch.compile mode")
     workers: int = Field(
         default_factory=lambda: min(16, os.cpu_count() or 1),
         ge=0,
@@ -160,12 +168,19 @@ class TrainConfig(BaseModel):
     def hash(self) -> str:
         """Identifies the training trajectory: what a checkpoint must match to be resumed.
 
-        Device, workers and compile change speed, not the meaning of a checkpoint.
+        Device, workers and compilation change speed, not the meaning of a checkpoint.
         """
-        payload = self.model_dump(exclude={"device", "workers", "compile"})
+        payload = self.model_dump(exclude={"device", "workers", "compile", "compile_mode"})
         if not payload["ema"]:
             del payload["ema"]  # off: the same hash as before the field existed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether training on `device` compiles its step: as set, else `fast` on CUDA only.
+        On a CPU the inductor's C++ build costs more than the few epochs there save."""
+        if self.compile is not None:
+            return self.compile
+        return self.recipe == "fast" and device.type == "cuda"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -229,10 +244,14 @@ def fit(
         start_epoch = resumed_from + 1
 
     step_model, compile_seconds = model, 0.0
-    if config.compile:
-        step_model, compile_seconds = _compile(model, criterion, loader, device, bf16)
+    if config.compiles_on(device):
+        step_model, compile_seconds = _compile(model, criterion, loader, device, bf16,
+                                               config.compile_mode)
+    compiled = step_model is not model
     # What is validated, scored and returned: the averaged weights when there are some.
-    eval_model = ema.model if ema is not None else step_model
+    # Evaluation runs eager: a few forward passes per epoch, not worth a second compiled
+    # graph (eval-mode batch norm, other batch sizes) and its compile time.
+    eval_model = ema.model if ema is not None else model
 
     val_images = to_device_images(data.val.images, device)  # (V, 3, 32, 32) uint8
     val_labels = torch.from_numpy(data.val.labels).to(device)
@@ -245,6 +264,10 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen, last_report = 0, started
         for step, (x, y) in enumerate(loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
+            if compiled:
+                # A new step for CUDA graphs (reduce-overhead): the last step's outputs,
+                # already consumed below, may be overwritten. Host-side only.
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = step_model(x)
                 loss = criterion(out, y)
@@ -300,6 +323,7 @@ def fit(
     final, val_predicted = _final_metrics(config, model, data, device, history, eval_kwargs,
                                           val_images, val_labels)
     final["compile_seconds"] = compile_seconds
+    final["compiled"] = float(compiled)
     final["params"] = float(count_parameters(model))
     return FitResult(model, config, history, final, resumed_from, val_predicted)
 
@@ -453,24 +477,32 @@ class WarmupLinearDecay:
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
 
-def _compile(model, criterion, loader, device, bf16) -> tuple[nn.Module, float]:
-    """torch.compile, then trigger compilation on one real batch so that its cost is timed
-    apart from training. The warm-up touches no weights: its gradients are dropped and the
-    batch-norm statistics it moved are put back."""
-    compiled = torch.compile(model)
+def _compile(model, criterion, loader, device, bf16, mode) -> tuple[nn.Module, float]:
+    """(step model, seconds): `model` compiled, and compilation triggered on one real batch
+    so that its cost is timed apart from training. The warm-up touches no weights: its
+    gradients are dropped and the batch-norm statistics it moved are put back.
+
+    Compilation fails in ways that depend on the machine (no C++ compiler, no Triton for
+    this GPU, an unsupported operator). Training does not need it, so a failure is logged
+    and the step runs eager: (model, seconds spent trying).
+    """
     started = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = next(iter(loader.epoch(-1)))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        criterion(compiled(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    compiled.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        compiled(x)
-    compiled.train()
-    model.load_state_dict(saved)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+    try:
+        compiled = torch.compile(model, backend=COMPILE_BACKEND, **options)
+        x, y = next(iter(loader.epoch(-1)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            criterion(compiled(x), y).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # any failure leaves eager training intact
+        log.warning("torch.compile(mode=%s) failed, training eager instead: %s: %s",
+                    mode, type(exc).__name__, exc)
+        compiled = model
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
     return compiled, time.perf_counter() - started
 
 

@@ -81,3 +81,14 @@ def test_baseline_predict_is_the_unfused_path():
     ref_labels, ref_probs = predict(model, images, fuse=False)
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_profile_sets_the_recipe_and_options_win():
+    from model.bench import config_overrides, parse_args
+
+    args = parse_args(["--profile", "full", "--data", "x"])
+    assert config_overrides(args, "fast") == {"epochs": 120, "cutout": 12}
+    assert config_overrides(args, "reference") == {}
+    args = parse_args(["--profile", "full", "--data", "x", "--epochs", "3", "--ema", "0.99"])
+    assert config_overrides(args, "fast") == {"epochs": 3, "cutout": 12, "ema": 0.99}
+    assert config_overrides(parse_args(["--data", "x"]), "fast") == {}

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import logging
 import math
 
 import pytest
@@ -258,3 +259,95 @@ def test_slow_epochs_report_batch_progress(tiny, monkeypatch, caplog):
         fit(cpu_config("fast", epochs=1), tiny)
     lines = [r.getMessage() for r in caplog.records if r.name == "model.train"]
     assert lines == ["epoch 1/1: batch 1/2", "epoch 1/1: batch 2/2"]
+
+
+# --- compilation ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code of one test must not serve the next."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def recording_aot_eager(graphs: list):
+    """torch.compile's graph capture and AOT autograd (batch-norm buffer mutation,
+    the backward graph) without code generation: what compile changes about a step's
+    meaning, checkable on a CPU in seconds."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def test_fast_compiles_on_cuda_by_default_and_a_setting_wins():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert TrainConfig(recipe="fast").compiles_on(cuda)
+    assert not TrainConfig(recipe="fast").compiles_on(cpu)
+    assert not TrainConfig(recipe="paper").compiles_on(cuda)
+    assert not TrainConfig(recipe="fast", compile=False).compiles_on(cuda)
+    assert TrainConfig(recipe="reference", compile=True).compiles_on(cpu)
+    # Compilation changes speed, not the trajectory a checkpoint belongs to.
+    assert (TrainConfig(recipe="fast", compile=True, compile_mode="reduce-overhead").hash()
+            == TrainConfig(recipe="fast").hash())
+    with pytest.raises(ValidationError, match="compile_mode"):
+        TrainConfig(recipe="fast", compile_mode="fastest")
+
+
+def test_a_compiled_step_trains_like_the_eager_one(tiny, monkeypatch, fresh_dynamo):
+    eager = fit(cpu_config("fast", epochs=2), tiny)
+    graphs: list = []
+    monkeypatch.setattr("model.train.COMPILE_BACKEND", recording_aot_eager(graphs))
+    compiled = fit(cpu_config("fast", epochs=2, compile=True), tiny)
+
+    assert graphs, "the training step never went through the compiler"
+    assert compiled.metrics["compiled"] == 1.0 and eager.metrics["compiled"] == 0.0
+    assert compiled.metrics["compile_seconds"] > 0 == eager.metrics["compile_seconds"]
+    a, b = eager.model.state_dict(), compiled.model.state_dict()
+    # The warm-up batch moved no statistics: as many batch-norm updates as eager.
+    counts = [k for k in a if k.endswith("num_batches_tracked")]
+    assert counts and all(torch.equal(a[k], b[k]) for k in counts)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+    for he, hc in zip(eager.history, compiled.history, strict=True):
+        assert hc["train/loss"] == pytest.approx(he["train/loss"], rel=1e-4)
+        assert hc["val/loss"] == pytest.approx(he["val/loss"], rel=1e-4)
+
+
+def test_a_failing_compile_falls_back_to_eager_training(tiny, monkeypatch, caplog,
+                                                        fresh_dynamo):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    eager = fit(cpu_config("fast", epochs=1), tiny)
+    monkeypatch.setattr("model.train.COMPILE_BACKEND", broken)
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        result = fit(cpu_config("fast", epochs=1, compile=True), tiny)
+    assert "training eager instead" in caplog.text
+    assert "no C++ compiler on this machine" in caplog.text
+    assert result.metrics["compiled"] == 0.0
+    # The failed attempt left no trace: the very weights of an eager run.
+    a, b = eager.model.state_dict(), result.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_on_cuda_the_inductor_step_trains_like_the_eager_one(mode, fresh_dynamo):
+    from model.bench import synthetic_dataset
+
+    data = synthetic_dataset(2048, 512)
+    config = dict(recipe="fast", variant="light", device="cuda", batch_size=256, epochs=3)
+    eager = fit(TrainConfig(**config, compile=False), data)
+    compiled = fit(TrainConfig(**config, compile=True, compile_mode=mode), data)
+    assert compiled.metrics["compiled"] == 1.0
+    # bf16 kernels differ in rounding; the runs must still learn the same thing.
+    for he, hc in zip(eager.history, compiled.history, strict=True):
+        assert hc["train/loss"] == pytest.approx(he["train/loss"], rel=0.05, abs=0.02)
+    assert abs(compiled.metrics["val/acc"] - eager.metrics["val/acc"]) <= 0.03
