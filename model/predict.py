@@ -112,17 +112,14 @@ def inference_model(model: nn.Module, device: str | torch.device | None = None) 
     """A copy of `model` made for fast evaluation on `device` (default: where `model` is).
 
     Batch norm is folded into the convolutions (the same logits up to float rounding), and
-    on the CPU the weights are channels-last, the layout oneDNN's convolutions run fastest
-    in. `model` itself is left as it is. Give the result to `predict(..., fuse=False)` to
+    the weights are channels-last, the layout that oneDNN's convolutions on the CPU and
+    cuDNN's tensor-core convolutions on a GPU run fastest in. `model` itself is left as it is. Give the result to `predict(..., fuse=False)` to
     prepare once and predict many times.
     """
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
-    fused = fuse_for_inference(model).to(device)
-    if device.type == "cpu":
-        fused = fused.to(memory_format=torch.channels_last)
-    return fused
+    return fuse_for_inference(model).to(device, memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -168,6 +165,6 @@ def predict(
     if device.type == "cpu":
         y = _cpu_logits(model, x, min(batch_size, CPU_BATCH), tta, bf16, torch.get_num_threads())
     else:
-        y = logits(model, x, batch_size=batch_size, tta=tta, bf16=bf16)
+        y = logits(model, x, batch_size=batch_size, tta=tta, bf16=bf16, channels_last=True)
     probs = torch.softmax(y, dim=1)
     return probs.argmax(1).cpu().numpy().astype(np.int64), probs.cpu().numpy().astype(np.float32)

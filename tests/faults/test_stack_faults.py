@@ -34,7 +34,7 @@ SAMPLE = REPO.parent / "shared" / "datasets" / "competition-sample" / \
 # The README's figures come from `infra/loadtest.py` at 20 + 50; the suite checks the same
 # invariants at a scale that fits its time budget.
 LOAD_TRAININGS = int(os.environ.get("CIFAR_TEST_LOAD_TRAININGS", "2"))
-LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "4"))
+LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "2"))
 
 
 def _loadtest():
