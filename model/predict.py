@@ -113,8 +113,9 @@ def inference_model(model: nn.Module, device: str | torch.device | None = None) 
 
     Batch norm is folded into the convolutions (the same logits up to float rounding), and
     the weights are channels-last, the layout that oneDNN's convolutions on the CPU and
-    cuDNN's tensor-core convolutions on a GPU run fastest in. `model` itself is left as it is. Give the result to `predict(..., fuse=False)` to
-    prepare once and predict many times.
+    cuDNN's tensor-core convolutions on a GPU run fastest in. `model` itself is left as it
+    is. Give the result to `predict(..., fuse=False)` to prepare once and predict many
+    times.
     """
     if device is None:
         device = next(model.parameters()).device

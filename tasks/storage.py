@@ -429,6 +429,8 @@ class S3Store(ObjectStore):
             ChecksumError,
             ClientError,
             ConnectionError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
             FlexibleChecksumError,
             HTTPClientError,
             NoCredentialsError,
@@ -486,12 +488,19 @@ class S3Store(ObjectStore):
                 f"{action} {where}: the bytes received from {self.endpoint} do not match "
                 f"the stored checksum ({e}); retry, and if it persists the object is corrupt"
             )
-        if isinstance(e, ConnectionError | HTTPClientError):
+        if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
             return StorageError(
                 f"cannot reach S3 endpoint {self.endpoint} after {self.max_attempts} "
                 f"attempts for {action} {where}: {e}; check the endpoint URL "
                 "(AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL), the network, and that the "
                 "service is running"
+            )
+        if isinstance(e, ConnectionError | HTTPClientError):
+            # Connected, then the connection broke: a closed socket, a read timeout.
+            return StorageError(
+                f"the connection to S3 endpoint {self.endpoint} broke off during "
+                f"{action} {where}, after {self.max_attempts} attempts: {e}; the service "
+                "or a proxy on the way is dropping requests: check its health, then retry"
             )
         return StorageError(f"{action} {where} failed at {self.endpoint}: {e}")
 

@@ -157,8 +157,11 @@ def test_if_absent_is_enforced_by_moto(store: S3Store, tmp_path: Path) -> None:
     assert store.get("other.json") == b"third"
 
 
-def test_endpoint_down_fails_fast(closed_endpoint: str) -> None:
+def test_endpoint_down_fails_fast(closed_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = closed_endpoint  # nothing listens here
+    # Credentials of their own: the error must be about the endpoint, whatever ran before.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "down-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "down-secret")
     s = S3Store("bkt", endpoint_url=url, max_attempts=2, connect_timeout=1, read_timeout=2)
 
     start = time.monotonic()
