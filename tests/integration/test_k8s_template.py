@@ -530,6 +530,9 @@ def test_dockerfile_builds_a_non_root_cuda_image_of_the_project() -> None:
     runs = " ".join(args for kind, args in instructions if kind == "RUN")
     assert "download.pytorch.org/whl/cu" in " ".join(a for _, a in instructions)
     assert re.search(r"pip install[^&]*\s\.(\s|$)", runs), "the project is not pip-installed"
+    # torch.compile on the GPU: Triton builds its launcher with a C compiler and Python.h.
+    apt = re.search(r"apt-get install ([^&]*)", runs)
+    assert apt and {"gcc", "python3-dev"} <= set(apt.group(1).split()), runs
 
     # The build context is the repository root: every COPY source must exist there.
     for kind, args in instructions:
