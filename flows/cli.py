@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-size", type=int)
     tr.add_argument("--device")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile the training step (default: on for fast on CUDA)")
+                    help="torch.compile the training step (default: on for paper and fast on CUDA)")
     tr.add_argument("--run-key", help="share checkpoints with an earlier run to resume it")
     tr.set_defaults(handler=cmd_train)
 

@@ -46,7 +46,8 @@ class TrainConfig(BaseModel):
     split_seed: int = Field(0, ge=0, description="seeds the validation hold-out")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     compile: bool | None = Field(
-        None, description="torch.compile the training step; default: on for `fast` on CUDA")
+        None, description="torch.compile the training step; default: on for paper and fast "
+        "on CUDA")
     score_after: bool = Field(False, description="score the competition file after promotion")
     competition_file: str | None = Field(None, description="input of the scoring step")
     run_key: str | None = Field(

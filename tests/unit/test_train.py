@@ -285,11 +285,12 @@ def recording_aot_eager(graphs: list):
     return backend
 
 
-def test_fast_compiles_on_cuda_by_default_and_a_setting_wins():
+def test_paper_and_fast_compile_on_cuda_by_default_and_a_setting_wins():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert TrainConfig(recipe="fast").compiles_on(cuda)
+    assert TrainConfig(recipe="paper").compiles_on(cuda)
     assert not TrainConfig(recipe="fast").compiles_on(cpu)
-    assert not TrainConfig(recipe="paper").compiles_on(cuda)
+    assert not TrainConfig(recipe="reference").compiles_on(cuda)
     assert not TrainConfig(recipe="fast", compile=False).compiles_on(cuda)
     assert TrainConfig(recipe="reference", compile=True).compiles_on(cpu)
     # Compilation changes speed, not the trajectory a checkpoint belongs to.
