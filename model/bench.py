@@ -58,6 +58,7 @@ class Row:
     val_acc: float
     val_acc_tta: float | None
     test_acc: float | None
+    compiled: bool = False  # the step ran compiled (a failed compile trains eager)
 
 
 def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
@@ -89,7 +90,7 @@ def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
                     recipe, variant, seed, int(m["epochs"]), m["train_seconds"],
                     m["compile_seconds"], per_epoch, ips, tflops,
                     100 * tflops / H100_DENSE_BF16_TFLOPS, m["val/acc"], m.get("val/acc_tta"),
-                    m.get("test/acc_tta", m.get("test/acc")),
+                    m.get("test/acc_tta", m.get("test/acc")), bool(m.get("compiled")),
                 ))
     return rows
 
@@ -192,7 +193,7 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         lines.append(
             f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.epochs:>6} {r.train_seconds:>8.1f} "
-            f"{r.compile_seconds:>9.1f} {r.seconds_per_epoch:>8.2f} {r.images_per_second:>9,.0f} "
+            f"{_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} {r.images_per_second:>9,.0f} "
             f"{r.tflops:>8.1f} {r.peak_percent:>6.1f}% {_pct(r.val_acc):>8} "
             f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8}"
         )
@@ -230,6 +231,14 @@ def format_seed_means(rows: list[Row]) -> str:
         lines.append(f"{recipe}/{variant} over {len(group)} seeds: "
                      f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f} %")
     return "\n".join(lines)
+
+
+def _compile_cell(r: Row) -> str:
+    """Compile seconds; `eager` when the step was not compiled, `failed` when compiling was
+    tried and fell back to eager (the log says why)."""
+    if r.compiled:
+        return f"{r.compile_seconds:.1f}"
+    return "failed" if r.compile_seconds > 0 else "eager"
 
 
 def _pct(x: float | None) -> str:

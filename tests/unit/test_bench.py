@@ -92,3 +92,13 @@ def test_a_profile_sets_the_recipe_and_options_win():
     args = parse_args(["--profile", "full", "--data", "x", "--epochs", "3", "--ema", "0.99"])
     assert config_overrides(args, "fast") == {"epochs": 3, "cutout": 12, "ema": 0.99}
     assert config_overrides(parse_args(["--data", "x"]), "fast") == {}
+
+
+def test_the_table_says_whether_each_step_ran_compiled():
+    import dataclasses
+
+    compiled = dataclasses.replace(row("fast", "deep", 1.0), compile_seconds=41.25, compiled=True)
+    failed = dataclasses.replace(row("fast", "light", 1.0), compile_seconds=3.0)
+    eager = row("reference", "light", 6.0)
+    lines = format_table([compiled, failed, eager]).splitlines()
+    assert [line.split()[5] for line in lines[2:]] == ["41.2", "failed", "eager"]
