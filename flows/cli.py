@@ -114,7 +114,7 @@ def cmd_train(args) -> int:
                   batch_size=args.batch_size, lr=args.lr, data_source=args.data,
                   val_size=args.val_size, train_size=args.train_size, device=args.device,
                   seeds=[int(s) for s in args.seeds.split(",")], compile=args.compile,
-                  run_key=args.run_key)
+                  compile_mode=args.compile_mode, ema=args.ema, run_key=args.run_key)
     summary = train(TrainConfig(**{k: v for k, v in fields.items() if v is not None}))
     _print_summary(summary, Settings.from_env(), None)
     return 0
@@ -243,6 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--device")
     tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="torch.compile the training step (default: on for paper and fast on CUDA)")
+    tr.add_argument("--compile-mode", help="default, reduce-overhead (CUDA graphs), "
+                    "max-autotune or max-autotune-no-cudagraphs")
+    tr.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999")
     tr.add_argument("--run-key", help="share checkpoints with an earlier run to resume it")
     tr.set_defaults(handler=cmd_train)
 

@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.data import read_competition_pickle
+from model.train import CompileMode
 from model.train import TrainConfig as ModelConfig
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
@@ -37,6 +38,8 @@ class TrainConfig(BaseModel):
     batch_size: int | None = Field(None, ge=1, le=65_536)
     lr: float | None = Field(None, gt=0, le=10)
     cutout: int | None = Field(None, ge=0, le=32)
+    ema: float | None = Field(None, ge=0, lt=1,
+                              description="weight EMA decay per step, e.g. 0.999; 0 = off")
     seeds: list[int] = Field([0], min_length=1, description="one job per variant and seed")
     data_source: str | None = Field(
         None, description="path, file:// or s3:// URI; default $CIFAR10_SOURCE, else download"
@@ -48,6 +51,8 @@ class TrainConfig(BaseModel):
     compile: bool | None = Field(
         None, description="torch.compile the training step; default: on for paper and fast "
         "on CUDA")
+    compile_mode: CompileMode = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs")
     score_after: bool = Field(False, description="score the competition file after promotion")
     competition_file: str | None = Field(None, description="input of the scoring step")
     run_key: str | None = Field(
@@ -59,7 +64,7 @@ class TrainConfig(BaseModel):
     child_deployment: str = Field("train-variant/train-variant",
                                   description="the deployment that pool dispatch runs")
 
-    @field_validator("lr")
+    @field_validator("lr", "ema")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -76,10 +81,11 @@ class TrainConfig(BaseModel):
     def model_configs(self) -> list[ModelConfig]:
         """One model config per variant and seed; validates them all before any work."""
         overrides = {k: v for k, v in dict(epochs=self.epochs, batch_size=self.batch_size,
-                                            lr=self.lr, cutout=self.cutout).items()
+                                            lr=self.lr, cutout=self.cutout,
+                                            ema=self.ema).items()
                      if v is not None}
         return [ModelConfig(recipe=self.recipe, variant=variant, seed=seed, device=self.device,
-                            compile=self.compile, **overrides)
+                            compile=self.compile, compile_mode=self.compile_mode, **overrides)
                 for variant in self.variants for seed in self.seeds]
 
 

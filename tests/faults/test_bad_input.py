@@ -159,6 +159,8 @@ def test_an_unknown_model_or_alias_is_a_clear_error(state, capsys):
         (["--epochs", "-1"], "epochs"),
         (["--batch-size", "0"], "batch_size"),
         (["--lr", "nan"], "lr"),
+        (["--ema", "1.5"], "ema"),
+        (["--compile-mode", "turbo"], "compile_mode"),
     ],
 )
 def test_bad_configs_are_rejected_before_any_work(state, args, fragment, capsys):

@@ -236,3 +236,22 @@ def test_rerun_with_the_same_run_key_registers_nothing_new(
     assert again["promoted"] is False
     aliases = client.get_registered_model(REGISTERED_MODEL).aliases
     assert str(aliases["champion"]) == trained["champion"]
+
+
+def test_the_flow_form_hands_its_training_fields_to_every_job() -> None:
+    from pydantic import ValidationError
+
+    config = TrainConfig(variants=["deep", "light"], seeds=[0, 1], epochs=3, cutout=8,
+                         ema=0.99, compile=False, compile_mode="reduce-overhead")
+    jobs = config.model_configs()
+    assert sorted((j.variant, j.seed) for j in jobs) == [
+        ("deep", 0), ("deep", 1), ("light", 0), ("light", 1)]
+    assert {(j.epochs, j.cutout, j.ema, j.compile, j.compile_mode) for j in jobs} == {
+        (3, 8, 0.99, False, "reduce-overhead")}
+    # Left unset, the recipe decides: no EMA, compiled on CUDA only.
+    (default,) = TrainConfig(variants=["light"]).model_configs()
+    assert default.ema == 0.0 and default.compile is None and default.compile_mode == "default"
+    for bad, field in (({"ema": 1.0}, "ema"), ({"ema": float("nan")}, "ema"),
+                       ({"compile_mode": "turbo"}, "compile_mode")):
+        with pytest.raises(ValidationError, match=field):
+            TrainConfig(**bad)
