@@ -30,9 +30,11 @@ from model.data import Dataset, Split, load_dataset
 from model.nets import build_model, summary
 from model.predict import (
     inference_model,
+    labels_and_probabilities,
     logits,
     predict,
     resolve_device,
+    synchronize,
     to_device_images,
 )
 from model.profiles import PROFILES
@@ -73,8 +75,7 @@ def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
                 config = TrainConfig(
                     recipe=recipe, variant=variant, seed=seed, device=str(device),
                     workers=args.workers, compile=args.compile,
-                    compile_mode=args.compile_mode,
-                    **{k: v for k, v in overrides.items() if v is not None},
+                    compile_mode=args.compile_mode, **overrides,
                 )
                 _log(f"training {recipe}/{variant} seed {seed}: {config.epochs} epochs, "
                      f"batch {config.batch_size}, {len(data.train):,} images")
@@ -118,10 +119,10 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
     out = []
     for variant in args.variants:
         model = build_model(variant).to(device).eval()
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         fast_model = inference_model(model, device)  # what predict() does first
-        _sync(device)
+        synchronize(device)
         prepare_seconds = time.perf_counter() - started
         paths = {"baseline": partial(baseline_predict, model, **kwargs),
                  "fast": partial(predict, fast_model, fuse=False, **kwargs)}
@@ -133,10 +134,10 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
             for turn, start in enumerate(range(0, len(images), PREDICT_SLICE)):
                 x = images[start : start + PREDICT_SLICE]
                 for name in sorted(paths, reverse=turn % 2 == 1):
-                    _sync(device)
+                    synchronize(device)
                     started = time.perf_counter()
                     results[name].append(paths[name](x, tta=tta))
-                    _sync(device)
+                    synchronize(device)
                     seconds[name] += time.perf_counter() - started
             (base_labels, base_probs), (labels, probs) = (
                 tuple(np.concatenate(part) for part in zip(*results[name], strict=True))
@@ -156,19 +157,13 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def baseline_predict(model, images, *, batch_size: int, tta: bool = False, device,
                      precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """`predict` as it was before batch-norm folding, channels-last and small CPU batches:
     the unchanged eval model, NCHW, `batch_size` images per forward pass, one stream."""
     x = to_device_images(images, device)  # (N, 3, 32, 32) uint8
     y = logits(model.to(device), x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
-    probs = torch.softmax(y, dim=1)
-    return probs.argmax(1).cpu().numpy().astype(np.int64), probs.cpu().numpy().astype(np.float32)
+    return labels_and_probabilities(y)
 
 
 def format_predict_table(rows: list[dict]) -> str:

@@ -167,5 +167,16 @@ def predict(
         y = _cpu_logits(model, x, min(batch_size, CPU_BATCH), tta, bf16, torch.get_num_threads())
     else:
         y = logits(model, x, batch_size=batch_size, tta=tta, bf16=bf16, channels_last=True)
-    probs = torch.softmax(y, dim=1)
+    return labels_and_probabilities(y)
+
+
+def labels_and_probabilities(logits_: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N,) int64 and softmax probabilities (N, 10) float32, on the host."""
+    probs = torch.softmax(logits_, dim=1)
     return probs.argmax(1).cpu().numpy().astype(np.int64), probs.cpu().numpy().astype(np.float32)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU. For timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

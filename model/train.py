@@ -35,7 +35,7 @@ from torch import nn
 from model import augment, checkpoint
 from model.data import Dataset, Split
 from model.nets import build_model, count_parameters
-from model.predict import evaluate, logits, resolve_device, to_device_images
+from model.predict import evaluate, logits, resolve_device, synchronize, to_device_images
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +292,7 @@ def fit(
                          loader.steps_per_epoch)
         lr = optimizer.param_groups[0]["lr"]
         val_loss, val_acc = evaluate(eval_model, val_images, val_labels, **eval_kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - started
         train_loss = float(loss_sum) / seen
         if not (math.isfinite(train_loss) and math.isfinite(float(val_loss))):
@@ -496,8 +495,7 @@ def _compile(model, criterion, loader, device, bf16, mode) -> tuple[nn.Module, f
         x, y = next(iter(loader.epoch(-1)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             criterion(compiled(x), y).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     except Exception as exc:  # any failure leaves eager training intact
         log.warning("torch.compile(mode=%s) failed, training eager instead: %s: %s",
                     mode, type(exc).__name__, exc)
