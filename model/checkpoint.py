@@ -1,22 +1,33 @@
-"""Atomic checkpoints and weight files.
+"""Atomic checkpoints and weight files, and the training state they hold.
 
 Everything is saved with `torch.save` and read back with `torch.load(weights_only=True)`,
 which refuses to unpickle anything but tensors and plain containers: a checkpoint or a
 weights file from object storage can never run code on load.
+
+Training checkpoints are written on a background thread (`CheckpointWriter`): the training
+thread only copies the state to host memory, so a GPU epoch of about a second does not wait
+for a disk fsync and an upload.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import random
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from model.fileio import atomic_write, fsync_dir  # noqa: F401 (fsync_dir: old import path)
+
 CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
@@ -29,18 +40,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     A crash at any point leaves either the previous file or the new one, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
     return path
 
 
@@ -89,15 +90,125 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# --- training state -------------------------------------------------------------------------
+
+
+def _to_host(obj: Any) -> Any:
+    """A copy of `obj` whose tensors live in host memory: what the background writer saves
+    while the training thread goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def training_state(config, model, optimizer, scheduler, ema, epoch, history) -> dict[str, Any]:
+    """Everything a resume needs, copied to host memory: model, optimizer, scheduler, weight
+    average, epoch, history and every RNG."""
+    _, key, pos, _, _ = np.random.get_state()
+    return _to_host({
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "config_hash": config.hash(),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "history": list(history),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            # A tensor keeps the checkpoint loadable with weights_only=True.
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)},
+        },
+    })
+
+
+def restore_training_state(state, config, model, optimizer, scheduler, ema, path) -> None:
+    if state.get("config_hash") != config.hash():
+        raise CheckpointError(
+            f"{path} was written by another configuration (hash {state.get('config_hash')}, "
+            f"this one is {config.hash()}): use a fresh checkpoint directory or the same config"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(
+                f"{path} has no weight average although its configuration asks for one: "
+                "the checkpoint is incomplete; use a fresh checkpoint directory"
+            )
+        ema.load_state_dict(state["ema"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", rng["numpy"]["key"].numpy().astype(np.uint32),
+                         rng["numpy"]["pos"], 0, 0.0))
+
+
+class CheckpointWriter:
+    """Writes training checkpoints to `path` on a background thread, at most every
+    `interval` seconds (0: every time it is asked), then calls `on_written(path)` there too
+    (an upload to object storage). One write at a time: a new one waits for the last.
+
+    The file is replaced atomically, so a crash mid-write leaves the previous checkpoint.
+    A failed write or upload is raised on the training thread at the next checkpoint or at
+    `close()`. `lost_seconds` is the time the training thread spent on checkpoints: the host
+    copy, and waiting for an earlier write.
+    """
+
+    def __init__(self, path: Path, interval: float,
+                 on_written: Callable[[Path], None] | None = None):
+        self.path, self.interval, self.on_written = Path(path), interval, on_written
+        self.lost_seconds, self.written = 0.0, 0
+        self._last = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def due(self, last_epoch: bool) -> bool:
+        return last_epoch or time.monotonic() - self._last >= self.interval
+
+    def submit(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Take the state now (`snapshot()` on this thread), write it in the background."""
+        started = time.perf_counter()
+        self._join()
+        state = snapshot()
+        self._thread = threading.Thread(target=self._write, args=(state,),
+                                        name="checkpoint-writer", daemon=True)
+        self._thread.start()
+        self._last = time.monotonic()
+        self.lost_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        """Wait for the last write (and upload); raise its failure if it failed."""
+        started = time.perf_counter()
+        try:
+            self._join()
+        finally:
+            self.lost_seconds += time.perf_counter() - started
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, state: dict[str, Any]) -> None:
+        try:
+            save_atomic(state, self.path)
+            if self.on_written is not None:
+                self.on_written(self.path)
+            self.written += 1
+        except BaseException as exc:  # re-raised on the training thread
+            self._error = exc

@@ -44,14 +44,16 @@ class BasicBlock(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    def __init__(self, blocks: tuple[int, int, int], num_classes: int = NUM_CLASSES):
+    def __init__(self, blocks: tuple[int, int, int], num_classes: int = NUM_CLASSES,
+                 widths: tuple[int, int, int] = STAGE_WIDTHS):
         super().__init__()
         self.blocks = tuple(blocks)
-        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        # `widths` other than the report's exist for tests: the same code path, in less time.
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
-        in_planes = STAGE_WIDTHS[0]
-        for index, (width, count) in enumerate(zip(STAGE_WIDTHS, self.blocks, strict=True)):
+        in_planes = widths[0]
+        for index, (width, count) in enumerate(zip(widths, self.blocks, strict=True)):
             first_stride = 1 if index == 0 else 2
             layers = []
             for block in range(count):
@@ -59,7 +61,7 @@ class ModifiedResNet(nn.Module):
                 in_planes = width
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(STAGE_WIDTHS[-1], num_classes)
+        self.linear = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32)
         out = F.relu(self.bn1(self.conv1(x)))  # (N, 64, 32, 32)

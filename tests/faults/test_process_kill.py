@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
         return Split(images.astype(np.uint8), labels)
     data = Dataset(split(64), split(32), None, tuple("abcdefghij"), "synthetic", "synthetic")
     config = TrainConfig(recipe="fast", variant="light", epochs=3, batch_size=16,
-                         device="cpu", workers=0)
+                         device="cpu", workers=0, checkpoint_seconds=0)
     if mode == "slow-steps":
         original = torch.optim.SGD.step
         def slow_step(self, *a, **k):

@@ -1,0 +1,243 @@
+"""What a training job is: its config, the recipe table, and the data it trains on.
+
+Every option is declared once, here, as a dataclass field whose metadata carries its
+bounds and its help line. Plain dataclasses keep `model/` free of anything but PyTorch;
+the flows turn the same fields into the Prefect form and the command-line options
+(flows/config.py), so a new option is one field here plus, if recipes differ on it, one
+entry per column of RECIPE_DEFAULTS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Recipe = Literal["reference", "paper", "fast"]
+Variant = Literal["deep", "light"]
+Precision = Literal["auto", "fp32", "bf16"]
+# torch.compile's modes: reduce-overhead replays the step as CUDA graphs (fewer launches),
+# max-autotune also benchmarks kernel choices (longer compile).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+# Every recipe default, with its unit and its reason. A config field left as None takes
+# the value of its recipe's column.
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "reference": dict(
+        epochs=75,  # epochs: the report's budget
+        batch_size=128,  # images per step: the report's
+        lr=1e-3,  # Adam step size: the report's
+        weight_decay=1e-4,  # L2 coefficient inside Adam: the report's
+        decay_norm_and_bias=True,  # the report decayed every parameter
+        momentum=0.9,  # unused by Adam; kept so every config has one shape
+        label_smoothing=0.0,  # the report used plain cross-entropy
+        warmup_epochs=0.0,  # the report had no warm-up
+        cutout=0,  # pixels; the report had no cutout
+        tta=False,  # the report scored single views
+        precision="fp32",  # the report trained in fp32
+        channels_last=False,
+        ema=0.0,  # weight EMA decay per step; the report had no weight averaging
+    ),
+    "paper": dict(
+        epochs=75,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=1e-4,
+        decay_norm_and_bias=True,
+        momentum=0.9,
+        label_smoothing=0.0,
+        warmup_epochs=0.0,
+        cutout=0,
+        tta=False,
+        precision="auto",  # bf16 on CUDA: tensor cores; fp32 on the CPU, where bf16 is slow
+        channels_last=True,  # NHWC convolutions are the fast path for cuDNN with bf16
+        ema=0.0,  # the report's hyperparameters: no weight averaging
+    ),
+    "fast": dict(
+        epochs=40,  # reaches the report's accuracy on this copy in about 40 epochs
+        batch_size=512,  # fills an H100 with these small images; lr is scaled to match
+        lr=0.2,  # peak SGD step size at batch 512; other batch sizes scale it linearly
+        weight_decay=5e-4,  # the usual ResNet-on-CIFAR value for SGD
+        # Decay shrinks a conv's weights, which batch norm undoes, so it acts as a step-size
+        # schedule there; on batch-norm scales and biases it only fights the fit.
+        decay_norm_and_bias=False,
+        momentum=0.9,  # Nesterov momentum
+        label_smoothing=0.2,  # calibrates and regularises more than it costs at 40 epochs
+        # Epochs of linear warm-up: large-batch SGD diverges without it. None: 5% of the
+        # budget (2 of 40 epochs, 6 of the full profile's 120), so it scales with it.
+        warmup_epochs=None,
+        cutout=0,  # pixels; worth it only for longer budgets (the `full` profile sets 12)
+        tta=True,  # flip TTA: +0.3-0.5 points for one extra forward pass
+        precision="auto",
+        channels_last=True,
+        ema=0.0,  # off: the decay to a zero rate already averages late weights; unmeasured
+    ),
+}
+WARMUP_FRACTION = 0.05  # of the epochs, when a recipe leaves warmup_epochs unset
+CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and after the last epoch)
+
+
+class ConfigError(ValueError):
+    """A config field is out of its bounds; the message names the field."""
+
+
+def option(default: Any = None, help: str = "", **bounds: Any) -> Any:
+    """A config field: its default, a help line for forms and the command line, and its
+    bounds (ge, gt, le, lt, finite=True, choices from a Literal type)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+def _check(name: str, value: Any, type_: Any, meta: dict[str, Any]) -> None:
+    if value is None:
+        return
+    choices = get_args(type_) if getattr(type_, "__origin__", None) is Literal else None
+    if choices and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if meta.get("finite") and not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
+    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{name}: must be {word} {meta[key]}, got {value}")
+
+
+def validate(instance: Any) -> None:
+    """Check every field of a config dataclass against its metadata."""
+    hints = _resolved_types(type(instance))
+    for f in dataclasses.fields(instance):
+        _check(f.name, getattr(instance, f.name), hints[f.name], dict(f.metadata))
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls, globalns=globals())
+
+
+def _default_workers() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data comes from and how it is split; shared by every flow, the
+    command line and the benchmark."""
+
+    source: str | None = option(
+        None, "path, file:// or s3:// URI of a cifar-10-python folder or .tar.gz, or a "
+        "Hugging Face-style Parquet file; default $CIFAR10_SOURCE, else torchvision's download")
+    val_size: int = option(5000, "images held out of training for validation", ge=1)
+    train_size: int | None = option(None, "train on a stratified subset of this many images",
+                                    ge=1)
+    split_seed: int = option(0, "seeds the validation hold-out and the subset", ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training job. Fields left unset take their recipe's default (RECIPE_DEFAULTS)."""
+
+    recipe: Recipe = option("fast", "reference: the report's pipeline; paper: its "
+                            "hyperparameters, fast; fast: the project's recipe")
+    variant: Variant = option("light", "network: deep [4,4,3] or light [2,2,2] blocks")
+    epochs: int | None = option(None, "training epochs", ge=1, le=10_000)
+    batch_size: int | None = option(None, "images per optimizer step", ge=1, le=65_536)
+    lr: float | None = option(None, "peak learning rate (fast: at batch 512, scaled linearly)",
+                              gt=0, le=10, finite=True)
+    weight_decay: float | None = option(None, "L2 weight decay", ge=0, le=1, finite=True)
+    decay_norm_and_bias: bool | None = option(
+        None, "apply weight decay to batch-norm and bias parameters too")
+    momentum: float | None = option(None, "SGD momentum (fast)", ge=0, lt=1, finite=True)
+    label_smoothing: float | None = option(None, "cross-entropy label smoothing", ge=0, lt=1,
+                                           finite=True)
+    warmup_epochs: float | None = option(None, "epochs of linear learning-rate warm-up (fast)",
+                                         ge=0, le=10_000, finite=True)
+    cutout: int | None = option(None, "cutout square side in pixels; 0 = off", ge=0, le=32)
+    tta: bool | None = option(None, "also score validation with flip test-time augmentation")
+    seed: int = option(0, "seeds init, data order and augmentation", ge=0)
+    device: str = option("auto", "auto = cuda if present, else cpu; or cpu, cuda, cuda:N")
+    precision: Precision | None = option(None, "auto = bf16 autocast on CUDA, fp32 elsewhere")
+    channels_last: bool | None = option(None, "NHWC memory format for the convolutions")
+    ema: float | None = option(
+        None, "weight EMA decay per optimizer step (e.g. 0.999); 0 = off. The averaged "
+        "weights are validated, scored and returned", ge=0, lt=1, finite=True)
+    compile: bool | None = option(
+        None, "torch.compile the training step (timed apart); default: on for paper and fast "
+        "on CUDA. A failing compile falls back to eager")
+    compile_mode: CompileMode = option("default", "torch.compile mode; reduce-overhead adds "
+                                       "CUDA graphs")
+    workers: int = option(_default_workers, "DataLoader worker processes (reference recipe)",
+                          ge=0, le=256)
+    checkpoint_seconds: float = option(
+        CHECKPOINT_SECONDS, "write a checkpoint at most this often (and after the last "
+        "epoch); 0 = after every epoch", ge=0, finite=True)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.device != "auto":
+            _check_device(self.device)
+        defaults = RECIPE_DEFAULTS[self.recipe]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", round(WARMUP_FRACTION * self.epochs, 3))
+
+    # Fields that change speed, not the meaning of a checkpoint.
+    SPEED_ONLY = ("device", "workers", "compile", "compile_mode", "checkpoint_seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def hash(self) -> str:
+        """Identifies the training trajectory: what a checkpoint must match to be resumed."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in self.SPEED_ONLY}
+        if not payload["ema"]:
+            del payload["ema"]  # off: the same hash as before the field existed
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def compiles_on(self, device: Any) -> bool:
+        """Whether training on `device` compiles its step: as set, else on CUDA for the
+        device-resident recipes (`paper`, `fast`), whose many small kernels per step are
+        what compilation fuses. Not `reference`, which is the report's pipeline as it was,
+        and not on a CPU, where the inductor's C++ build costs more than it saves."""
+        if self.compile is not None:
+            return self.compile
+        return self.recipe in ("paper", "fast") and device.type == "cuda"
+
+
+def _check_device(value: str) -> None:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"device: not a device: {value!r} (use auto, cpu, cuda or cuda:N)") from exc
+
+
+def config_fields(cls: type) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """(name, type, default, metadata) of each field of a config dataclass: what the
+    flows build their forms and command-line options from."""
+    hints = _resolved_types(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        out.append((f.name, hints[f.name], default, dict(f.metadata)))
+    return out

@@ -1,0 +1,148 @@
+"""The optimizer, learning-rate schedule, weight average and compiled step of a recipe."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import TrainConfig
+from model.predict import synchronize
+
+log = logging.getLogger("model.train")
+
+EMA_WARMUP = 10  # updates: the decay ramps as (1 + n) / (EMA_WARMUP + n) up to `ema`
+FAST_REFERENCE_BATCH = 512  # images: the batch size at which `fast`'s lr applies as given
+PLATEAU_FACTOR = 0.1  # the report's ReduceLROnPlateau settings
+PLATEAU_PATIENCE = 5  # epochs
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; `mode` applies to inductor only
+# Steps run before the timed training: the first compiles, the next ones are where CUDA
+# graphs (reduce-overhead) record and replay. A failure in any of them falls back to eager.
+COMPILE_WARMUP_STEPS = 3
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights; on batch-norm parameters and biases only
+    when the recipe asks (`decay_norm_and_bias`)."""
+    if config.decay_norm_and_bias:
+        return [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+    decay, rest = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else rest).append(p)  # 1-d: batch-norm scales/shifts, biases
+    return [{"params": decay, "weight_decay": config.weight_decay},
+            {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """(optimizer, scheduler, whether the scheduler steps per batch)."""
+    on_cuda = next(model.parameters()).is_cuda
+    groups = parameter_groups(model, config)
+    if config.recipe in ("reference", "paper"):
+        optimizer = torch.optim.Adam(groups, lr=config.lr,
+                                     fused=on_cuda and config.recipe == "paper")
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
+        )
+        return optimizer, scheduler, False
+    # Linear scaling keeps one `lr` right for the smoke profile's batch 64 and the full
+    # profile's 512 alike: SGD with momentum diverges at batch 64 with batch 512's rate.
+    lr = config.lr * config.batch_size / FAST_REFERENCE_BATCH
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True,
+                                fused=on_cuda or None)
+    total = max(1, config.epochs * steps_per_epoch)
+    # Short runs (the smoke and quick profiles) would otherwise end inside the warm-up.
+    warmup = min(total // 4, round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(warmup, total))
+    return optimizer, scheduler, True
+
+
+class WarmupLinearDecay:
+    """Learning-rate factor: linear from 1/warmup up to 1, then linear down to 0 at `total`."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+class WeightEMA:
+    """An exponential moving average of a model's parameters, kept in a copy of the model.
+
+    After each optimizer step, average <- average + (1 - d) * (weights - average), with
+    d = min(decay, (1 + n) / (EMA_WARMUP + n)) at the n-th update, so that the random
+    initial weights wash out of short runs. Buffers (the batch-norm statistics) are copied,
+    not averaged. One foreach kernel per tensor list and a host-side counter: no device
+    sync.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        self._params = list(model.parameters())
+        self._avg_params = list(self.model.parameters())
+        self._buffers = list(model.buffers())
+        self._avg_buffers = list(self.model.buffers())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
+        torch._foreach_lerp_(self._avg_params, self._params, 1.0 - d)
+        if self._buffers:
+            torch._foreach_copy_(self._avg_buffers, self._buffers)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+def compile_step(model: nn.Module, criterion, batches, device: torch.device, bf16: bool,
+                 mode: str) -> tuple[nn.Module, float, bool]:
+    """(step model, seconds, fell back): `model` compiled with static shapes, then run for
+    COMPILE_WARMUP_STEPS real batches (compile, CUDA-graph recording and first replays) so
+    that none of it lands in the timed training. The warm-up touches no weights: its
+    gradients are dropped and the batch-norm statistics it moved are put back.
+
+    Compilation fails in ways that depend on the machine (no C++ compiler, no Triton for
+    this GPU, an unsupported operator, out of memory while autotuning, a failed graph
+    capture). Training does not need it, so any failure here logs one warning and the step
+    runs eager: (model, seconds spent trying, True).
+    """
+    started = time.perf_counter()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+    fell_back = False
+    try:
+        # Batch sizes are fixed per run: a static graph, no symbolic batch dimension and
+        # no recompiles when another size was compiled earlier in the same process.
+        compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False, **options)
+        for step in range(COMPILE_WARMUP_STEPS):
+            x, y = next(batches)
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                criterion(compiled(x), y).backward()
+            model.zero_grad(set_to_none=True)
+            log.debug("compile warm-up step %d done", step + 1)
+        synchronize(device)
+    except Exception as exc:  # any failure leaves eager training intact
+        log.warning("torch.compile(mode=%s) failed during warm-up, training eager instead: "
+                    "%s: %s", mode, type(exc).__name__, exc)
+        compiled, fell_back = model, True
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what a failed autotune or capture left behind
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    return compiled, time.perf_counter() - started, fell_back
