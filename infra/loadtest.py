@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import secrets
-import shlex
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+from infra.procs import read_env_file  # noqa: E402
 
 TRAIN_DEPLOYMENT = "train-variant/train-variant"
 SCORE_DEPLOYMENT = "score-competition/score-competition"
@@ -96,19 +97,6 @@ class LoadReport:
                      f"({60 * total / self.wall_seconds:.1f} runs/min); load tag {self.tag}")
         lines.append("checks: " + ("all passed" if self.ok else "; ".join(self.problems)))
         return "\n".join(lines)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines `infra/stack.py up` writes to <state>/stack/env."""
-    if not path.is_file():
-        raise LoadError(f"{path} does not exist: start the stack with "
-                        "`python infra/stack.py up --state-dir DIR` first")
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = line.removeprefix("export ").partition("=")
-            env[name] = shlex.split(value)[0] if value else ""
-    return env
 
 
 def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
@@ -297,7 +285,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     if args.scorings and not args.competition_file:
         parser.error("scoring needs --competition-file or $CIFAR_COMPETITION_FILE")
     try:
-        os.environ.update(read_env_file(args.state_dir / "stack" / "env"))
+        env_file = args.state_dir / "stack" / "env"
+        if not env_file.is_file():
+            raise LoadError(f"{env_file} does not exist: start the stack with "
+                            "`python infra/stack.py up --state-dir DIR` first")
+        os.environ.update(read_env_file(env_file))
         report = run_load(args.trainings, args.scorings, competition_file=args.competition_file,
                           data_source=args.data_source, rows=args.rows, timeout=args.timeout)
     except LoadError as exc:

@@ -12,276 +12,51 @@ worker takes one flow run at a time and two runs never share a GPU; `--share-gpu
 `--limit` above 1. `--cpu-slots N` starts N workers with no GPU visible instead (a
 machine without GPUs, tests). The workers poll the Prefect API named by PREFECT_API_URL;
 if `<state>/stack/env` exists (written by `infra/stack.py up`) its settings are used.
+The pool's concurrency limit is left to the user, since other machines may serve the pool
+too: `prefect work-pool set-concurrency-limit gpu <GPUs of all its machines>` (`start`
+prints this machine's share; `infra/stack.py up` sets it for the local stack).
 
 Every worker runs in its own session (process group), logs to
 `<state>/stack/logs/worker.<pool>.<name>.log` and records its pid in
 `<state>/stack/pids/worker.<pool>.<name>.pid`, with the command line and start time beside
-it in a `.json` file, so that `stop` signals only processes this script started.
+it in a `.json` file, so that `stop` signals only processes this script started
+(`infra/procs.py`, shared with `infra/stack.py`).
 
-Standard library only. The process helpers below are shared with `infra/stack.py`.
+Standard library only, plus `infra/procs.py` (and the `model.fileio` it uses).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: `python infra/workers.py ...`
+    sys.path.insert(0, str(REPO))
+
+from infra.procs import (  # noqa: E402
+    Spec,
+    StackError,
+    matches,
+    read_env_file,
+    records,
+    running,
+    spawn,
+    stack_dir,
+    stop,
+    stop_many,
+    tool,
+)
+
 CPU_POOL_LIMIT = 4  # flow runs at once on a worker of a pool without GPUs
-
-
-class StackError(RuntimeError):
-    """Something the user can fix: the message says what and where to look."""
-
-
-# ------------------------------------------------------------------------ locations
-
-
-def stack_dir(state_dir: str | os.PathLike | None = None) -> Path:
-    """`<state>/stack`, where state is --state-dir, else $CIFAR_STATE_DIR, else ./.pipeline."""
-    state = state_dir or os.environ.get("CIFAR_STATE_DIR") or ".pipeline"
-    return Path(state).expanduser().resolve() / "stack"
-
-
-def tool(name: str) -> str:
-    """A console script of this virtualenv (beside the interpreter), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    import shutil
-
-    found = shutil.which(name)
-    if found is None:
-        raise StackError(f"`{name}` is not installed next to {sys.executable} nor on PATH; "
-                         "install the project with `pip install -e '.[dev]'`")
-    return found
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The variables of a file of `export NAME=value` lines (as stack.py writes them)."""
-    env = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        words = shlex.split(line)
-        if words and words[0] == "export":
-            words = words[1:]
-        for word in words:
-            name, sep, value = word.partition("=")
-            if sep:
-                env[name] = value
-    return env
-
-
-# ------------------------------------------------------------------------ processes
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int, int, int] | None:
-    """(state, ppid, pgid, session, start time in clock ticks) of a live pid, else None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) is in parentheses and may itself contain spaces.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _running(pid: int, start_time: int | None = None) -> bool:
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return start_time is None or stat[4] == start_time
-
-
-def matches(record: Mapping, pid: int | None = None) -> bool:
-    """Is the process `record` describes still the one that was started?
-
-    The pid alone is not enough (pids are reused): the process must also have the
-    recorded start time and a command line ending with the recorded arguments (the
-    interpreter in front of a console script may differ from argv[0])."""
-    pid = record.get("pid") if pid is None else pid
-    if not isinstance(pid, int) or pid <= 0 or not _running(pid, record.get("start_time")):
-        return False
-    tail = list(record.get("argv", []))[1:]
-    return bool(tail) and cmdline(pid)[-len(tail) :] == tail
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A process to run in the background: `name` names its pid and log files."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)  # the complete environment
-    cwd: str | None = None
-
-
-def pid_path(root: Path, name: str) -> Path:
-    return root / "pids" / f"{name}.pid"
-
-
-def log_path(root: Path, name: str) -> Path:
-    return root / "logs" / f"{name}.log"
-
-
-def read_record(root: Path, name: str) -> dict | None:
-    """What `spawn` recorded about `name`, or None if nothing (valid) was."""
-    meta = pid_path(root, name).with_suffix(".json")
-    try:
-        record = json.loads(meta.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
-
-
-def records(root: Path, prefix: str = "") -> dict[str, dict]:
-    out = {}
-    for meta in sorted((root / "pids").glob(f"{prefix}*.json")):
-        record = read_record(root, meta.stem)
-        if record is not None:
-            out[meta.stem] = record
-    return out
-
-
-def _write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def spawn(root: Path, spec: Spec) -> subprocess.Popen:
-    """Start `spec` in a session of its own, output appended to its log, pid recorded."""
-    log = log_path(root, spec.name)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        out.write(f"\n=== {stamp} starting: {shlex.join(spec.argv)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            spec.argv, env=spec.env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-        )
-    # exec() lets Popen return a moment before the kernel sets the new command line.
-    deadline = time.monotonic() + 5
-    while not cmdline(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stat = _proc_stat(proc.pid)
-    record = {"pid": proc.pid, "argv": spec.argv, "start_time": stat[4] if stat else None,
-              "log": str(log), "started_at": time.time()}
-    _write_atomically(pid_path(root, spec.name).with_suffix(".json"), json.dumps(record))
-    _write_atomically(pid_path(root, spec.name), f"{proc.pid}\n")
-    return proc
-
-
-def running(root: Path, name: str) -> dict | None:
-    """The record of `name` if its process is alive and is the one recorded."""
-    record = read_record(root, name)
-    return record if record is not None and matches(record) else None
-
-
-def _process_table() -> dict[int, tuple[str, int, int, int, int]]:
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None:
-                table[int(entry.name)] = stat
-    return table
-
-
-def family(pid: int, *, leader_alive: bool) -> dict[int, int]:
-    """{pid: start time} of everything `pid` started: its session, its process group,
-    and its descendants (flow runs start their own sessions, so the session alone
-    misses them). Without a live leader, only the members of its session or group:
-    Linux reuses no pid while a session or group of that id exists, so those are the
-    leader's orphans, not strangers."""
-    table = {p: s for p, s in _process_table().items() if s[0] not in ("Z", "X")}
-    members = {p for p, s in table.items() if s[3] == pid or s[2] == pid}
-    if leader_alive:
-        members.add(pid)
-    children: dict[int, list[int]] = {}
-    for p, s in table.items():
-        children.setdefault(s[1], []).append(p)
-    todo = list(members)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in members:
-                members.add(child)
-                todo.append(child)
-    return {p: table[p][4] for p in members if p in table}
-
-
-def _signal_all(procs: Mapping[int, int], sig: int) -> None:
-    for p, start in procs.items():
-        if _running(p, start):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
-
-
-def stop(root: Path, name: str, timeout: float = STOP_TIMEOUT) -> str:
-    """Stop what `spawn` started as `name` (SIGTERM, then SIGKILL after `timeout`) and
-    remove its pid files. Returns one line saying what happened."""
-    record = read_record(root, name)
-    pid_file = pid_path(root, name)
-    if record is None:
-        pid_file.unlink(missing_ok=True)
-        return f"{name}: no record"
-    pid = record["pid"]
-    if matches(record):
-        procs = family(pid, leader_alive=True)
-    elif _running(pid):
-        # The pid now belongs to some other program: not ours to signal.
-        procs = {}
-    else:
-        procs = family(pid, leader_alive=False)
-    if procs:
-        _signal_all(procs, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_running(p, s) for p, s in procs.items()):
-            time.sleep(0.1)
-        # Whatever appeared in the meantime (a flow run's children) goes too.
-        if matches(record):
-            procs = {**procs, **family(pid, leader_alive=True)}
-        survivors = {p: s for p, s in procs.items() if _running(p, s)}
-        _signal_all(survivors, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_running(p, s) for p, s in survivors.items()):
-            time.sleep(0.05)
-        how = f"killed {len(survivors)} after {timeout:.0f} s" if survivors else "terminated"
-        what = f"{name}: stopped pid {pid} and {len(procs) - 1} more ({how})"
-    elif _running(pid):
-        what = f"{name}: pid {pid} is now another program; left it alone"
-    else:
-        what = f"{name}: was not running"
-    pid_file.with_suffix(".json").unlink(missing_ok=True)
-    pid_file.unlink(missing_ok=True)
-    return what
 
 
 # ---------------------------------------------------------------------------- GPUs
@@ -413,6 +188,18 @@ def plan(
             for i in dict.fromkeys(chosen)]
 
 
+def pool_limit(workers: Sequence[Worker]) -> int:
+    """Flow runs a pool may run at once: one per GPU (or CPU slot) its workers serve, or
+    more where --share-gpu lets a worker take several. With the pool capped there, extra
+    runs wait in Prefect, Scheduled, instead of on a worker or as Pending pods."""
+    return sum(w.limit for w in workers)
+
+
+def pool_limit_args(pool: str, limit: int) -> list[str]:
+    """The `prefect` arguments that cap `pool` at `limit` concurrent flow runs."""
+    return ["work-pool", "set-concurrency-limit", pool, str(limit)]
+
+
 def start_workers(root: Path, workers: Sequence[Worker], env: Mapping[str, str],
                   cwd: str | None = None) -> list[tuple[Worker, int, bool]]:
     """Start each worker that is not already running. Returns (worker, pid, started)."""
@@ -441,17 +228,7 @@ def stop_workers(root: Path, pool: str | None = None, keep: Iterable[str] = ()) 
     """Stop the recorded workers (of `pool`, if given) whose file names are not in `keep`."""
     keep = set(keep)
     names = [n for n in worker_records(root, pool) if n not in keep]
-    # Signal them all first, so their stop timeouts overlap rather than add up.
-    return _stop_many(root, names)
-
-
-def _stop_many(root: Path, names: Sequence[str]) -> list[str]:
-    if len(names) <= 1:
-        return [stop(root, n) for n in names]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(names)) as pool:
-        return list(pool.map(lambda n: stop(root, n), names))
+    return stop_many(root, names)
 
 
 def worker_status(root: Path, pool: str | None = None) -> list[tuple[str, int, bool]]:
@@ -511,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 gpu = "no GPU" if worker.gpu is None else f"GPU {worker.gpu}"
                 print(f"{worker.name:<24} pool {worker.pool:<6} {gpu:<8} pid {pid:<8} {state}")
             print(f"logs: {root / 'logs'}")
+            # Other machines may serve the pool too, so the pool's limit is left to the user.
+            limit = pool_limit_args(args.pool, pool_limit(workers))
+            print(f"{limit[-1]} run(s) at once here; cap the pool at the sum over all its "
+                  f"machines: prefect {shlex.join(limit[:-1])} <sum>")
             return 0
         if args.action == "stop":
             for line in stop_workers(root, args.pool):

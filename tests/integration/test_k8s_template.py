@@ -334,6 +334,35 @@ def test_rendered_job_has_the_shape_the_kubernetes_worker_requires(
     assert set(default["variables"]["properties"]) - {"cluster_config"} <= declared
 
 
+def test_init_container_creates_the_pool_capped_at_the_configured_gpus(
+    prefect_api: str, prefect_home: Path, created_pool: WorkPool
+) -> None:
+    """The worker's init container script, run here as the cluster would run it, on a
+    server where the pool does not exist yet (as on a fresh cluster)."""
+    worker = _one("Deployment", "prefect-worker")
+    (init,) = worker["spec"]["template"]["spec"]["initContainers"]
+    (mount,) = [m for m in init["volumeMounts"] if m["name"] == "base-job-template"]
+    script = init["args"][-1].replace(f"{mount['mountPath']}/{TEMPLATE_PATH.name}",
+                                      str(TEMPLATE_PATH))
+    config = _one("ConfigMap", "prefect-worker-config")["data"]
+    limit = int(config["GPU_POOL_CONCURRENCY_LIMIT"])
+    assert limit >= 1
+
+    deleted = httpx.delete(f"{prefect_api}/work_pools/{POOL}", timeout=30)
+    assert deleted.status_code == 204, deleted.text
+    env = _prefect_env(prefect_home, prefect_api)
+    env.update(PATH=f"{PREFECT.parent}{os.pathsep}{env.get('PATH', '')}",
+               GPU_POOL_CONCURRENCY_LIMIT=str(limit))
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+
+    pool = httpx.get(f"{prefect_api}/work_pools/{POOL}", timeout=30).json()
+    assert pool["type"] == "kubernetes"
+    assert pool["base_job_template"] == _template()
+    assert pool["concurrency_limit"] == limit
+
+
 # ------------------------------------------------------------------------ the manifests
 
 

@@ -175,6 +175,12 @@ def test_env_file_points_clients_at_the_stack_and_is_private(stack: Stack):
 def test_work_pools_gpu_and_cpu_exist_as_process_pools(stack: Stack):
     for pool in ("gpu", "cpu"):
         assert stack.api(f"/work_pools/{pool}")["type"] == "process"
+    # One flow run per gpu-pool worker (each a GPU, here a CPU slot); a third waits in
+    # Prefect. The cpu pool's parents only wait on their children: no cap.
+    gpu_workers = [n for n in stack.pids() if n.startswith("worker.gpu.")]
+    assert len(gpu_workers) == 2
+    assert stack.api("/work_pools/gpu")["concurrency_limit"] == len(gpu_workers)
+    assert stack.api("/work_pools/cpu")["concurrency_limit"] is None
 
 
 def test_workers_report_to_their_pools_with_no_gpu_visible(stack: Stack):
@@ -291,7 +297,9 @@ def test_auth_refuses_requests_without_credentials(stack: Stack):
     with pytest.raises(urllib.error.HTTPError) as refused:
         stack.api("/work_pools/gpu")
     assert refused.value.code == 401
-    assert stack.api("/work_pools/gpu", auth=prefect_auth)["type"] == "process"
+    gpu_pool = stack.api("/work_pools/gpu", auth=prefect_auth)
+    assert gpu_pool["type"] == "process"
+    assert gpu_pool["concurrency_limit"] == 1  # follows --workers from 2 down to 1
     # The worker was given the auth string: it reported to its pool since this up began.
     host_worker = next(n for n in stack.pids() if n.startswith("worker.gpu.")).split(".", 2)[2]
     workers = {w["name"]: w for w in

@@ -1,33 +1,23 @@
-"""The worker launcher and stack scripts of infra/, without servers: GPU detection, the
-worker commands and their pinning, process records, and the `stack` subcommand."""
+"""Provisioning by the infra scripts, without servers: GPU detection, the workers and
+their pinning, the work pools and their concurrency limits, the deployments' tags, the
+stack's settings, and the `stack` subcommand of the command line."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import subprocess
 import sys
-import time
+import urllib.error
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import yaml
 
-INFRA = Path(__file__).resolve().parents[2] / "infra"
+from infra import procs, provision, services, stack, workers
+from infra.procs import StackError
 
-
-def _load(name: str) -> ModuleType:
-    # infra/ is not a package and is never imported by the project: load the scripts by path.
-    spec = importlib.util.spec_from_file_location(f"cifar_infra_{name}", INFRA / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = _load("stack")
-workers = stack.workers  # the copy stack.py uses, so that monkeypatching reaches it
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
 
 NVIDIA_SMI = """\
 GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-11111111-2222-3333-4444-555555555555)
@@ -80,20 +70,20 @@ def test_one_worker_per_gpu_each_pinned_to_its_gpu_and_taking_one_run():
 def test_only_some_gpus_and_unknown_ones_are_refused():
     gpus = workers.parse_gpus(NVIDIA_SMI)
     assert [w.gpu for w in workers.plan("gpu", gpus, only=[1], host="h")] == [1]
-    with pytest.raises(workers.StackError, match=r"GPU\(s\) \[5\] not found"):
+    with pytest.raises(StackError, match=r"GPU\(s\) \[5\] not found"):
         workers.plan("gpu", gpus, only=[5], host="h")
 
 
 def test_two_runs_share_a_gpu_only_when_asked():
     gpus = workers.parse_gpus(NVIDIA_SMI)
-    with pytest.raises(workers.StackError, match="--share-gpu"):
+    with pytest.raises(StackError, match="--share-gpu"):
         workers.plan("gpu", gpus, limit=2, host="h")
     shared = workers.plan("gpu", gpus, limit=2, share_gpu=True, host="h")
     assert [w.argv[-2:] for w in shared] == [["--limit", "2"]] * 2
 
 
 def test_without_gpus_cpu_slots_are_needed_and_see_no_gpu():
-    with pytest.raises(workers.StackError, match="--cpu-slots N"):
+    with pytest.raises(StackError, match="--cpu-slots N"):
         workers.plan("gpu", [], host="h")
     plan = workers.plan("gpu", [], cpu_slots=2, host="h")
     assert [(w.name, w.gpu, w.limit) for w in plan] == [("h-cpu0", None, 1), ("h-cpu1", None, 1)]
@@ -102,72 +92,111 @@ def test_without_gpus_cpu_slots_are_needed_and_see_no_gpu():
 
 def test_stack_plans_cpu_slots_without_gpus_plus_one_cpu_pool_worker(monkeypatch):
     monkeypatch.setattr(workers, "detect_gpus", lambda: [])
-    monkeypatch.setattr(workers, "tool", lambda name: f"/venv/bin/{name}")
-    plan = stack.worker_plan(None, cpu_slots=False)
+    monkeypatch.setattr(procs, "tool", lambda name: f"/venv/bin/{name}")
+    plan = provision.worker_plan(None, cpu_slots=False)
     assert [(w.pool, w.gpu, w.limit) for w in plan] == \
         [("gpu", None, 1), ("gpu", None, 1), ("cpu", None, workers.CPU_POOL_LIMIT)]
-    assert [w.pool for w in stack.worker_plan(3, False, cpu_pool_workers=0)] == ["gpu"] * 3
+    assert [w.pool for w in provision.worker_plan(3, False, cpu_pool_workers=0)] == ["gpu"] * 3
 
 
 def test_stack_plans_one_worker_per_gpu_or_cpu_slots_when_asked(monkeypatch):
     monkeypatch.setattr(workers, "detect_gpus", lambda: workers.parse_gpus(NVIDIA_SMI))
-    monkeypatch.setattr(workers, "tool", lambda name: f"/venv/bin/{name}")
-    assert [w.gpu for w in stack.worker_plan(None, False) if w.pool == "gpu"] == [0, 1]
-    assert [w.gpu for w in stack.worker_plan(1, False) if w.pool == "gpu"] == [0]
-    with pytest.raises(workers.StackError, match="2 GPU"):
-        stack.worker_plan(3, False)
-    slots = [w for w in stack.worker_plan(3, True) if w.pool == "gpu"]
+    monkeypatch.setattr(procs, "tool", lambda name: f"/venv/bin/{name}")
+    assert [w.gpu for w in provision.worker_plan(None, False) if w.pool == "gpu"] == [0, 1]
+    assert [w.gpu for w in provision.worker_plan(1, False) if w.pool == "gpu"] == [0]
+    with pytest.raises(StackError, match="2 GPU"):
+        provision.worker_plan(3, False)
+    slots = [w for w in provision.worker_plan(3, True) if w.pool == "gpu"]
     assert [w.gpu for w in slots] == [None] * 3
 
 
-def test_a_record_matches_only_the_process_it_was_made_for():
-    me = {"pid": os.getpid(), "argv": ["python", *workers.cmdline(os.getpid())[1:]],
-          "start_time": workers._proc_stat(os.getpid())[4]}
-    assert workers.matches(me)
-    assert not workers.matches({**me, "start_time": me["start_time"] + 1})  # pid reused
-    assert not workers.matches({**me, "argv": ["prefect", "server", "start"]})
-    assert not workers.matches({**me, "pid": 2**22 + 1})
+def test_the_gpu_pool_is_capped_at_the_runs_its_workers_take(monkeypatch):
+    monkeypatch.setattr(workers, "detect_gpus", lambda: workers.parse_gpus(NVIDIA_SMI))
+    monkeypatch.setattr(procs, "tool", lambda name: f"/venv/bin/{name}")
+    # One run per GPU, per CPU slot, or per GPU and --limit where runs share a GPU.
+    assert provision.pool_limits(provision.worker_plan(None, False)) == {"gpu": 2, "cpu": None}
+    assert provision.pool_limits(provision.worker_plan(1, False))["gpu"] == 1
+    assert provision.pool_limits(provision.worker_plan(3, True))["gpu"] == 3
+    gpus = workers.parse_gpus(NVIDIA_SMI)
+    assert workers.pool_limit(workers.plan("gpu", gpus, limit=2, share_gpu=True, host="h")) == 4
+    assert workers.pool_limit_args("gpu", 2) == ["work-pool", "set-concurrency-limit", "gpu",
+                                                 "2"]
 
 
-def test_stop_ends_the_process_and_what_it_started_in_another_session(tmp_path):
-    # Like a worker whose flow run runs in a session of its own.
-    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-            "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
-    spec = workers.Spec("job", [sys.executable, "-c", code], dict(os.environ))
-    leader = workers.spawn(tmp_path, spec).pid
-    deadline = time.monotonic() + 5
-    while len(workers.family(leader, leader_alive=True)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    family = workers.family(leader, leader_alive=True)
-    assert len(family) == 2
+class FakePrefect:
+    """The stack's Prefect API and CLI as provisioning sees them: the pools it has, and
+    every change asked of it."""
 
-    assert workers.running(tmp_path, "job")["pid"] == leader
-    assert "stopped pid" in workers.stop(tmp_path, "job", timeout=5)
-    assert not any(workers._running(p, s) for p, s in family.items())
-    assert not list((tmp_path / "pids").iterdir())
+    def __init__(self, pools: dict[str, dict]):
+        self.pools = pools
+        self.calls: list[tuple] = []
 
+    def call(self, stack, path, *, method="GET", body=None, timeout=10):
+        name = path.removeprefix("/work_pools/")
+        if method == "GET":
+            if name not in self.pools:
+                raise urllib.error.HTTPError(path, 404, "Not Found", {}, None)
+            return self.pools[name]
+        self.calls.append((method, name, body))
+        self.pools[name].update(body)
+        return None
 
-def test_stop_leaves_a_pid_that_now_belongs_to_another_program_alone(tmp_path):
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        record = {"pid": bystander.pid, "argv": ["prefect", "worker", "start"]}
-        workers._write_atomically(tmp_path / "pids" / "worker.gpu.h-gpu0.json",
-                                  __import__("json").dumps(record))
-        assert "left it alone" in workers.stop(tmp_path, "worker.gpu.h-gpu0")
-        assert bystander.poll() is None
-    finally:
-        bystander.kill()
-        bystander.wait()
+    def cli(self, stack, args, log_name, timeout):
+        self.calls.append(("cli", *args))
+        pool = args[args.index("create") + 1]
+        self.pools[pool] = {"type": "process", "concurrency_limit": None}
 
 
-def test_env_file_round_trips_values_that_need_quoting(tmp_path):
-    env = {"A": "plain", "B": "with space and 'quotes'", "C": ""}
-    path = tmp_path / "env"
-    path.write_text(stack.render_env_file(env))
-    assert workers.read_env_file(path) == env
-    shell = subprocess.run(["bash", "-c", f". {path}; printf %s \"$B\""], capture_output=True,
-                           text=True, check=True, env={})
-    assert shell.stdout == env["B"]
+@pytest.fixture
+def prefect(monkeypatch, tmp_path):
+    def install(pools):
+        fake = FakePrefect(pools)
+        monkeypatch.setattr(provision, "prefect_call", fake.call)
+        monkeypatch.setattr(provision, "_prefect_cli", fake.cli)
+        return fake
+
+    return install
+
+
+def _stack(tmp_path):
+    return services.Stack(tmp_path, {"moto": 1, "prefect": 2, "mlflow": 3}, None, False)
+
+
+def test_up_creates_the_pools_then_caps_the_gpu_pool_only(prefect, tmp_path):
+    fake = prefect({})
+    provision.ensure_pools(_stack(tmp_path), {"gpu": 2, "cpu": None})
+    creates = sorted(c for c in fake.calls if c[0] == "cli")
+    assert creates == [("cli", "--no-prompt", "work-pool", "create", p, "--type", "process")
+                       for p in ("cpu", "gpu")]
+    assert [c for c in fake.calls if c[0] == "PATCH"] == [
+        ("PATCH", "gpu", {"concurrency_limit": 2})]
+    assert fake.calls.index(("PATCH", "gpu", {"concurrency_limit": 2})) > \
+        fake.calls.index(("cli", "--no-prompt", "work-pool", "create", "gpu", "--type",
+                          "process"))
+
+
+def test_up_again_changes_a_pool_limit_only_when_the_workers_changed(prefect, tmp_path):
+    fake = prefect({"gpu": {"type": "process", "concurrency_limit": 2},
+                    "cpu": {"type": "process", "concurrency_limit": 7}})
+    provision.ensure_pools(_stack(tmp_path), {"gpu": 2, "cpu": None})
+    assert fake.calls == []  # the cpu pool's own limit, set by someone, is kept
+    provision.ensure_pools(_stack(tmp_path), {"gpu": 3, "cpu": None})
+    assert fake.calls == [("PATCH", "gpu", {"concurrency_limit": 3})]
+
+
+def test_a_pool_of_another_type_is_left_alone(prefect, tmp_path, capsys):
+    fake = prefect({"gpu": {"type": "kubernetes", "concurrency_limit": None},
+                    "cpu": {"type": "process", "concurrency_limit": None}})
+    provision.ensure_pools(_stack(tmp_path), {"gpu": 2, "cpu": None})
+    assert fake.calls == []
+    assert "'gpu' exists with type 'kubernetes'" in capsys.readouterr().out
+
+
+def test_deployments_on_gpu_pools_are_tagged_gpu_and_others_are_not():
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    on_gpu = {d["name"] for d in deployments if d["work_pool"]["name"] == "gpu"}
+    tagged = {d["name"] for d in deployments if "gpu" in d.get("tags", [])}
+    assert "train-variant" in on_gpu and on_gpu == tagged
 
 
 def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_moto(tmp_path, monkeypatch):
@@ -182,8 +211,8 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_moto(tmp_pat
     external = stack.configure(tmp_path, auth=True)  # nothing runs: settings may change
     assert external.services() == ["prefect", "mlflow"]
     assert external.s3_endpoint == "http://minio.internal:9000"
-    assert "AWS_ACCESS_KEY_ID" not in stack.client_env(external)  # the user's own, not moto's
-    assert external.auth and stack.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert "AWS_ACCESS_KEY_ID" not in services.client_env(external)  # the user's own, not moto's
+    assert external.auth and services.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
 
 
 def test_cli_stack_runs_the_script_with_the_state_dir(monkeypatch, tmp_path):
