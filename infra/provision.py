@@ -1,5 +1,6 @@
 """Provisioning the local stack once its services answer: the buckets, the work pools
-with their concurrency limits, the deployments of prefect.yaml, and the workers.
+with their concurrency limits, the deployments of prefect.yaml, the failure alerts of
+`infra/automations.yaml`, and the workers.
 
 The `gpu` pool is capped at the flow runs its workers can take, one per GPU (or CPU slot):
 a run beyond that waits in Prefect, Scheduled, until a GPU frees up.
@@ -8,6 +9,7 @@ a run beyond that waits in Prefect, Scheduled, until a GPU frees up.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import subprocess
 import time
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from infra import procs, workers
+from infra import alerts, procs, workers
 from infra.procs import StackError
 from infra.services import (
     ARTIFACT_BUCKET,
@@ -134,6 +136,18 @@ def deploy(stack: Stack) -> None:
     print("  prefect deploy --all ...", flush=True)
     _prefect_cli(stack, ["--no-prompt", "deploy", "--all"], "deploy", timeout=600)
     print(f"  deployed (log: {procs.log_path(stack.root, 'deploy')})")
+
+
+def ensure_alerts(stack: Stack) -> None:
+    """The failure alerts, posted to CIFAR_ALERT_WEBHOOK_URL when set, else to the
+    stack's receiver (which appends them to `<state>/stack/alerts.jsonl`)."""
+    webhook = os.environ.get(alerts.WEBHOOK_ENV) or stack.alerts_url
+
+    def api(path: str, **kwargs):
+        return prefect_call(stack, path, **kwargs)
+
+    for line in alerts.apply(api, webhook, stack.prefect_url):
+        print(f"  {line}; alerts go to {alerts.redacted(webhook)}")
 
 
 def worker_plan(count: int | None, cpu_slots: bool,

@@ -1,7 +1,8 @@
 """The local stack's services: its settings (ports, S3 endpoint, auth, kept in
 `<state>/stack/stack.json`), credentials, environments, and the servers themselves (moto's
-S3, `prefect server`, `mlflow server`): how each starts, how it is checked, and `ensure_services`,
-which starts what is not already running and answering.
+S3, `prefect server`, `mlflow server`, the alert receiver of `infra/alerts.py`): how each
+starts, how it is checked, and `ensure_services`, which starts what is not already running
+and answering.
 """
 
 from __future__ import annotations
@@ -80,8 +81,16 @@ class Stack:
     def mlflow_url(self) -> str:
         return f"http://{HOST}:{self.ports['mlflow']}"
 
+    @property
+    def alerts_url(self) -> str:  # where alerts go without CIFAR_ALERT_WEBHOOK_URL
+        return f"http://{HOST}:{self.ports['alerts']}"
+
+    @property
+    def alerts_file(self) -> Path:
+        return self.root / "alerts.jsonl"
+
     def services(self) -> list[str]:
-        return (["moto"] if self.s3_external is None else []) + ["prefect", "mlflow"]
+        return (["moto"] if self.s3_external is None else []) + ["prefect", "mlflow", "alerts"]
 
     def save(self) -> None:
         body = {"host": HOST, "ports": self.ports, "s3_external_endpoint": self.s3_external,
@@ -250,6 +259,8 @@ def service_spec(stack: Stack, name: str) -> Spec:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             # The UI's browser code calls this URL; its default is port 4200.
             PREFECT_UI_API_URL=f"{stack.prefect_api}",
+            # Links in automation messages (`flow_run|ui_url`); none without it.
+            PREFECT_UI_URL=stack.prefect_url,
         )
         if stack.auth:
             env["PREFECT_SERVER_API_AUTH_STRING"] = secrets_for(stack)["prefect_api_auth_string"]
@@ -272,6 +283,10 @@ def service_spec(stack: Stack, name: str) -> Spec:
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(mlflow_auth_config(stack, secret))
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret["mlflow_flask_secret_key"]
             argv += ["--app-name", "basic-auth"]
+        return Spec(name, argv, env, str(stack.root))
+    if name == "alerts":
+        argv = [sys.executable, str(REPO / "infra" / "alerts.py"), "serve", "--host", HOST,
+                "--port", port, "--out", str(stack.alerts_file)]
         return Spec(name, argv, env, str(stack.root))
     raise ValueError(f"unknown service {name!r}")
 
@@ -333,6 +348,8 @@ def healthy(stack: Stack, name: str) -> bool:
             fetch(f"{stack.prefect_api}/health", prefect_headers(stack))
         elif name == "mlflow":
             fetch(f"{stack.mlflow_url}/health")  # unauthenticated even with basic-auth
+        elif name == "alerts":
+            fetch(f"{stack.alerts_url}/")
         else:
             raise ValueError(f"unknown service {name!r}")
     except Exception:  # any failure to answer is "down"; the log says why

@@ -11,11 +11,13 @@
   - `prefect server start` (SQLite under `<state>/stack/prefect`);
   - `mlflow server` (SQLite `<state>/stack/mlflow.db`, artifacts proxied to
     s3://cifar-mlflow/artifacts);
+  - the alert receiver of `infra/alerts.py` (appends to `<state>/stack/alerts.jsonl`);
 then waits until they answer, creates the buckets `cifar-mlflow` and `cifar-pipeline`,
 the process work pools `gpu` (capped at one flow run per GPU or CPU slot) and `cpu`,
-runs `prefect deploy --all` in the repository (unless --no-deploy), and starts the
-workers of `infra/workers.py`: one per GPU on the `gpu` pool (or N CPU slots where there
-is no GPU, or with --cpu-slots), and one worker on the `cpu` pool. Ports are chosen on
+runs `prefect deploy --all` in the repository (unless --no-deploy), applies the failure
+alerts of `infra/automations.yaml` (to CIFAR_ALERT_WEBHOOK_URL, else the receiver), and
+starts the workers of `infra/workers.py`: one per GPU on the `gpu` pool (or N CPU slots
+where there is no GPU, or with --cpu-slots), and one worker on the `cpu` pool. Ports are chosen on
 the first `up` and kept in `<state>/stack/stack.json`.
 The settings clients need go to `<state>/stack/env`: `source` it to use the stack.
 
@@ -26,7 +28,7 @@ basic-auth app and Prefect's API auth string, with passwords generated once and 
 `<state>/stack/secrets.json` (mode 0600).
 
 The stack's parts: `infra/services.py` (settings, credentials, the servers),
-`infra/provision.py` (buckets, pools and their limits, deployments, workers),
+`infra/provision.py` (buckets, pools and their limits, deployments, alerts, workers),
 `infra/procs.py` (process records and stop, shared with `infra/workers.py`). Standard
 library, boto3 and the `prefect`, `mlflow` and moto command lines. Never imported by the
 project's code.
@@ -76,11 +78,15 @@ def configure(root: Path, auth: bool | None) -> Stack:
     external = services.external_s3_endpoint(os.environ)
     stack = Stack.load(root)
     if stack is None:
-        names = ["moto", "prefect", "mlflow"]
+        names = ["moto", "prefect", "mlflow", "alerts"]
         stack = Stack(root, dict(zip(names, free_ports(len(names)), strict=True)), external,
                       bool(auth))
         stack.save()
         return stack
+    if "alerts" not in stack.ports:  # a stack.json from before the alert receiver
+        taken = set(stack.ports.values())
+        stack.ports["alerts"] = next(p for p in free_ports(len(taken) + 1) if p not in taken)
+        stack.save()
     changes = {}
     if external != stack.s3_external:
         changes["S3 endpoint"] = (stack.s3_external or "moto", external or "moto")
@@ -124,6 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         provision.ensure_pools(stack, provision.pool_limits(plan))
         if not args.no_deploy:
             provision.deploy(stack)
+        provision.ensure_alerts(stack)
         provision.ensure_workers(stack, plan)
     print(f"up in {time.monotonic() - began:.1f} s\n")
     print_status(stack)
@@ -132,7 +139,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def print_status(stack: Stack) -> bool:
-    urls = {"moto": stack.s3_endpoint, "prefect": stack.prefect_url, "mlflow": stack.mlflow_url}
+    urls = {"moto": stack.s3_endpoint, "prefect": stack.prefect_url, "mlflow": stack.mlflow_url,
+            "alerts": stack.alerts_url}
     ok = True
     for name in stack.services():
         record = procs.running(stack.root, name)
@@ -173,7 +181,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     with locked(root):
         # Workers first, so that they do not lose their server mid-run; the servers last.
         lines = workers.stop_workers(root)
-        order = ["mlflow", "prefect", "moto"]
+        order = ["alerts", "mlflow", "prefect", "moto"]
         others = [n for n in procs.records(root) if n not in order]
         lines += procs.stop_many(root, others + [n for n in order
                                                  if procs.read_record(root, n)])

@@ -35,7 +35,8 @@ STACK = REPO / "infra" / "stack.py"
 CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE",
            "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
            "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-           "MLFLOW_TRACKING_PASSWORD", "CIFAR_STATE_DIR", "CIFAR_OBJECT_STORE"]
+           "MLFLOW_TRACKING_PASSWORD", "CIFAR_STATE_DIR", "CIFAR_OBJECT_STORE",
+           "CIFAR_ALERT_WEBHOOK_URL"]
 
 
 @dataclass
@@ -140,8 +141,8 @@ def _alive(proc: psutil.Process) -> bool:
 
 def test_up_starts_every_service_on_loopback_and_status_reports_them_healthy(stack: Stack):
     ports = stack.config["ports"]
-    assert sorted(ports) == ["mlflow", "moto", "prefect"]
-    assert len(set(ports.values())) == 3
+    assert sorted(ports) == ["alerts", "mlflow", "moto", "prefect"]
+    assert len(set(ports.values())) == 4
 
     status = stack.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -228,7 +229,7 @@ def test_a_second_up_changes_nothing(stack: Stack):
     seconds = time.monotonic() - began
     assert again.returncode == 0, again.stdout + again.stderr
     assert stack.pids() == before
-    assert again.stdout.count("already running") == 6  # 3 services, 3 workers
+    assert again.stdout.count("already running") == 7  # 4 services, 3 workers
     assert seconds < stack.up_seconds
 
 

@@ -204,12 +204,12 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_moto(tmp_pat
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     first = stack.configure(tmp_path, auth=None)
     assert stack.configure(tmp_path, auth=None).ports == first.ports
-    assert first.services() == ["moto", "prefect", "mlflow"]
+    assert first.services() == ["moto", "prefect", "mlflow", "alerts"]
     assert not first.auth
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.internal:9000")
     external = stack.configure(tmp_path, auth=True)  # nothing runs: settings may change
-    assert external.services() == ["prefect", "mlflow"]
+    assert external.services() == ["prefect", "mlflow", "alerts"]
     assert external.s3_endpoint == "http://minio.internal:9000"
     assert "AWS_ACCESS_KEY_ID" not in services.client_env(external)  # the user's own, not moto's
     assert external.auth and services.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
