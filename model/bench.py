@@ -2,8 +2,9 @@
 
     python -m model.bench --data PATH [--test PATH] --recipes reference,paper,fast \
         --variants deep,light [--epochs N] [--workers N] [--seeds 0,1] --out results.json
-    python -m model.bench --smoke            # a tiny CPU run, under a minute
+    python -m model.bench --smoke            # a tiny CPU run, seconds
     python -m model.bench --predict --data PATH --variants deep,light
+    python -m model.bench --check [best]     # every GPU target, measured (model/gpucheck.py)
 
 It imports only model/ and what model/ imports, so it runs on a bare GPU machine that has
 torch, torchvision, numpy, pyarrow and Pillow.
@@ -12,87 +13,46 @@ torch, torchvision, numpy, pyarrow and Pillow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import platform
+import shlex
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from model.data import Dataset, Split, load_dataset
-from model.nets import build_model, summary
-from model.predict import (
-    inference_model,
-    labels_and_probabilities,
-    logits,
-    predict,
-    resolve_device,
-    synchronize,
-    to_device_images,
+from model.data import Dataset, load_dataset
+from model.fileio import atomic_write
+from model.measure import (  # noqa: F401 (baseline_predict, synthetic_dataset re-exported)
+    Row,
+    baseline_predict,
+    card_peak,
+    run_prediction,
+    synthetic_dataset,
+    train_row,
 )
+from model.predict import resolve_device
 from model.profiles import PROFILES
-from model.train import TrainConfig, fit
+from model.provenance import code_commit
+from model.train import TrainConfig
 
-H100_DENSE_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, dense (no sparsity)
-TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
-PREDICT_SLICE = 1000  # images per turn when the old and new prediction paths alternate
-
-
-@dataclass
-class Row:
-    recipe: str
-    variant: str
-    seed: int
-    epochs: int
-    train_seconds: float
-    compile_seconds: float
-    seconds_per_epoch: float
-    images_per_second: float
-    tflops: float
-    peak_percent: float
-    val_acc: float
-    val_acc_tta: float | None
-    test_acc: float | None
-    compiled: bool = False  # the step ran compiled (a failed compile trains eager)
+SMOKE_IMAGES = 4  # training and validation images of a smoke run: plumbing, not learning
+SMOKE_BATCH = 4  # one step per smoke epoch
 
 
 def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
     rows = []
     for variant in args.variants:
-        flops = summary(build_model(variant)).forward_flops * TRAIN_FLOPS_PER_FORWARD
         for recipe in args.recipes:
             for seed in args.seeds:
-                overrides = config_overrides(args, recipe)
-                if args.smoke:
-                    overrides.setdefault("batch_size", 32)
                 config = TrainConfig(
                     recipe=recipe, variant=variant, seed=seed, device=str(device),
                     workers=args.workers, compile=args.compile,
-                    compile_mode=args.compile_mode, **overrides,
+                    compile_mode=args.compile_mode, **config_overrides(args, recipe),
                 )
-                _log(f"training {recipe}/{variant} seed {seed}: {config.epochs} epochs, "
-                     f"batch {config.batch_size}, {len(data.train):,} images")
-                result = fit(config, data, on_epoch_end=_progress if args.verbose else None)
-                m = result.metrics
-                # The first epoch pays for cuDNN autotuning and allocator warm-up: report
-                # the steady-state speed when there is more than one epoch.
-                steady = result.history[1:] or result.history
-                per_epoch = statistics.median(h["epoch_seconds"] for h in steady)
-                ips = statistics.median(h["images_per_second"] for h in steady)
-                tflops = flops * ips / 1e12
-                rows.append(Row(
-                    recipe, variant, seed, int(m["epochs"]), m["train_seconds"],
-                    m["compile_seconds"], per_epoch, ips, tflops,
-                    100 * tflops / H100_DENSE_BF16_TFLOPS, m["val/acc"], m.get("val/acc_tta"),
-                    m.get("test/acc_tta", m.get("test/acc")), bool(m.get("compiled")),
-                ))
+                rows.append(train_row(config, data, device, verbose=args.verbose))
     return rows
 
 
@@ -101,69 +61,9 @@ def config_overrides(args, recipe: str) -> dict:
     overrides = PROFILES[args.profile].overrides_for(recipe) if args.profile else {}
     given = dict(epochs=args.epochs, batch_size=args.batch_size, cutout=args.cutout,
                  ema=args.ema)
+    if args.smoke:
+        overrides.setdefault("batch_size", SMOKE_BATCH)
     return {**overrides, **{k: v for k, v in given.items() if v is not None}}
-
-
-def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
-    """Time `predict` against the path it replaced on up to 10,000 images, per variant and
-    with and without TTA; model construction apart, `predict`'s own preparation (batch-norm
-    folding) included. The two paths take turns every PREDICT_SLICE images, so that other
-    work on a shared machine slows both alike and their ratio stays fair."""
-    images = data.val.images
-    if len(images) < args.predict_images:
-        reps = -(-args.predict_images // len(images))
-        images = np.concatenate([images] * reps)
-    images = images[: args.predict_images]
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    kwargs = dict(batch_size=args.predict_batch, device=device, precision=precision)
-    out = []
-    for variant in args.variants:
-        model = build_model(variant).to(device).eval()
-        synchronize(device)
-        started = time.perf_counter()
-        fast_model = inference_model(model, device)  # what predict() does first
-        synchronize(device)
-        prepare_seconds = time.perf_counter() - started
-        paths = {"baseline": partial(baseline_predict, model, **kwargs),
-                 "fast": partial(predict, fast_model, fuse=False, **kwargs)}
-        for path in paths.values():  # warm-up: allocator, oneDNN/cuDNN primitives
-            path(images[:256])
-        for tta in (False, True):
-            seconds = {"baseline": 0.0, "fast": prepare_seconds}
-            results: dict[str, list] = {"baseline": [], "fast": []}
-            for turn, start in enumerate(range(0, len(images), PREDICT_SLICE)):
-                x = images[start : start + PREDICT_SLICE]
-                for name in sorted(paths, reverse=turn % 2 == 1):
-                    synchronize(device)
-                    started = time.perf_counter()
-                    results[name].append(paths[name](x, tta=tta))
-                    synchronize(device)
-                    seconds[name] += time.perf_counter() - started
-            (base_labels, base_probs), (labels, probs) = (
-                tuple(np.concatenate(part) for part in zip(*results[name], strict=True))
-                for name in ("baseline", "fast"))
-            base_s, fast_s = seconds["baseline"], seconds["fast"]
-            out.append({
-                "variant": variant, "tta": tta, "images": len(images),
-                "baseline_seconds": base_s,
-                "baseline_images_per_second": len(images) / base_s,
-                "seconds": fast_s, "images_per_second": len(images) / fast_s,
-                "speedup": base_s / fast_s,
-                "max_prob_diff": float(np.abs(probs - base_probs).max(initial=0.0)),
-                "labels_differ": int((labels != base_labels).sum()),
-            })
-            _log(f"predict {variant} tta={tta}: baseline {len(images) / base_s:,.0f} img/s, "
-                 f"fast {len(images) / fast_s:,.0f} img/s")
-    return out
-
-
-def baseline_predict(model, images, *, batch_size: int, tta: bool = False, device,
-                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """`predict` as it was before batch-norm folding, channels-last and small CPU batches:
-    the unchanged eval model, NCHW, `batch_size` images per forward pass, one stream."""
-    x = to_device_images(images, device)  # (N, 3, 32, 32) uint8
-    y = logits(model.to(device), x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
-    return labels_and_probabilities(y)
 
 
 def format_predict_table(rows: list[dict]) -> str:
@@ -182,15 +82,16 @@ def format_predict_table(rows: list[dict]) -> str:
 
 def format_table(rows: list[Row]) -> str:
     header = (f"{'recipe':<10} {'variant':<7} {'seed':>4} {'epochs':>6} {'train s':>8} "
-              f"{'compile s':>9} {'s/epoch':>8} {'img/s':>9} {'TFLOP/s':>8} {'% peak':>7} "
-              f"{'val acc':>8} {'val TTA':>8} {'test acc':>8}")
+              f"{'eval s':>6} {'compile s':>9} {'s/epoch':>8} {'img/s':>9} {'TFLOP/s':>8} "
+              f"{'% peak':>7} {'val acc':>8} {'val TTA':>8} {'test acc':>8} {'test TTA':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        peak = "-" if r.peak_percent is None else f"{r.peak_percent:.1f}%"
         lines.append(
             f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.epochs:>6} {r.train_seconds:>8.1f} "
-            f"{_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} {r.images_per_second:>9,.0f} "
-            f"{r.tflops:>8.1f} {r.peak_percent:>6.1f}% {_pct(r.val_acc):>8} "
-            f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8}"
+            f"{r.eval_seconds:>6.1f} {_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} "
+            f"{r.images_per_second:>9,.0f} {r.tflops:>8.1f} {peak:>7} {_pct(r.val_acc):>8} "
+            f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8} {_pct(r.test_acc_tta):>8}"
         )
     return "\n".join(lines)
 
@@ -233,46 +134,11 @@ def _compile_cell(r: Row) -> str:
     tried and fell back to eager (the log says why)."""
     if r.compiled:
         return f"{r.compile_seconds:.1f}"
-    return "failed" if r.compile_seconds > 0 else "eager"
+    return "failed" if r.compile_fallback else "eager"
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _progress(metrics: dict) -> None:
-    _log(f"  epoch {int(metrics['epoch'])}: train loss {metrics['train/loss']:.3f}, "
-         f"val acc {100 * metrics['val/acc']:.2f}%, {metrics['epoch_seconds']:.2f} s")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def synthetic_dataset(n_train: int, n_val: int, seed: int = 0) -> Dataset:
-    """Random images whose label is written into their mean colour, so a few steps can fit
-    them: the smoke run needs no data on disk."""
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = rng.integers(0, 10, n).astype(np.int64)
-        noise = rng.integers(0, 96, (n, 32, 32, 3))
-        images = (noise + labels[:, None, None, None] * 16).astype(np.uint8)
-        return Split(images, labels)
-
-    return Dataset(train=split(n_train), val=split(n_val), test=None,
-                   classes=tuple(str(i) for i in range(10)), digest="synthetic",
-                   source="synthetic")
-
-
-def _git_commit() -> str:
-    try:
-        # "-dirty" when tracked files differ from the commit: the numbers are not its own.
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                              capture_output=True, text=True, cwd=Path(__file__).parent,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -300,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the options below override them")
     p.add_argument("--cutout", type=int, help="cutout square side, pixels (fast)")
     p.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run, under a minute")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run, seconds")
     p.add_argument("--predict", action="store_true", help="time inference instead")
     p.add_argument("--predict-images", type=int, default=10_000)
     p.add_argument("--predict-batch", type=int, default=1000,
@@ -308,26 +174,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="decoded-array cache (default: CIFAR10_CACHE_DIR)")
     p.add_argument("--out", help="write the rows and the environment as JSON here")
     p.add_argument("--verbose", action="store_true", help="print every epoch")
+    from model import gpucheck  # the check reuses this module's rows: imported late
+
+    gpucheck.add_arguments(p)
     args = p.parse_args(argv)
     args.recipes = [s for s in args.recipes.split(",") if s]
     args.variants = [s for s in args.variants.split(",") if s]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
-        args.epochs = args.epochs or 1
+        args.epochs = args.epochs or (None if args.check else 1)
         args.workers = 0
-        args.val_size = min(args.val_size, 64)
-        args.train_size = args.train_size or 64
-        args.predict_images = min(args.predict_images, 64)
-    elif not args.data:
+        args.val_size = min(args.val_size, SMOKE_IMAGES)
+        args.train_size = args.train_size or SMOKE_IMAGES
+        args.predict_images = min(args.predict_images, SMOKE_IMAGES)
+    if args.check:
+        gpucheck.check_args(p, args)
+    elif not (args.data or args.smoke):
         p.error("--data is required (or use --smoke)")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    torch.set_float32_matmul_precision("high")
+def load_data(args) -> Dataset:
+    """The training source (synthetic for --smoke), with --test's images as the test split."""
     if args.data:
         data = load_dataset(args.data, val_size=args.val_size, train_size=args.train_size,
                             cache_dir=args.cache_dir)
@@ -337,20 +206,46 @@ def main(argv: list[str] | None = None) -> int:
         test = load_dataset(args.test, val_size=0, cache_dir=args.cache_dir)
         data = Dataset(data.train, data.val, test.test or test.train, data.classes,
                        data.digest, data.source)
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or "cpu",
+    return data
+
+
+def environment(data: Dataset, device: torch.device, argv: list[str] | None) -> dict:
+    """What ran where: the card and its peak, versions, the commit and the exact command."""
+    name, peak = card_peak(device)
+    command = sys.orig_argv if argv is None else ["python", "-m", "model.bench", *argv]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": name,
+        "peak_bf16_tflops": peak,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "load": "/".join(f"{x:.1f}" for x in os.getloadavg()),  # other work on this machine
-        "commit": _git_commit(),
-        "command": "python -m model.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": code_commit(),
+        "command": shlex.join(command),
         "train_images": len(data.train),
         "val_images": len(data.val),
+        "test_images": len(data.test) if data.test is not None else 0,
         "data_digest": data.digest,
     }
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Readers (and a run cut off mid-write) see the old file or the new one, whole."""
+    with atomic_write(path, text=True) as f:
+        json.dump(payload, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.set_float32_matmul_precision("high")
+    if args.check:
+        from model import gpucheck
+
+        return gpucheck.run_check(args, device, argv)
+    data = load_data(args)
+    env = environment(data, device, argv)
     print("  ".join(f"{k}={v}" for k, v in env.items()))
     result: dict = {"env": env}
     if args.predict:
@@ -363,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         for text in (format_ratios(rows), format_seed_means(rows)):
             if text:
                 print(text)
-        result["rows"] = [r.__dict__ for r in rows]
+        result["rows"] = [dataclasses.asdict(r) for r in rows]
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return 0
 
 

@@ -1,17 +1,26 @@
+import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from model import bench
 from model.bench import Row, baseline_predict, format_predict_table, format_ratios, format_table
-from model.nets import build_model
+from model.measure import CompileEvents, card_peak, time_to_accuracy
+from model.nets import ModifiedResNet
 from model.predict import predict
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def narrow(variant=None):
+    """The report's block layout at a tenth of the width: the same code path, quickly."""
+    return ModifiedResNet((1, 1, 1), widths=(8, 16, 32))
+
+
+@pytest.fixture
+def narrow_nets(monkeypatch):
+    monkeypatch.setattr("model.train.build_model", narrow)
+    monkeypatch.setattr("model.measure.build_model", narrow)
 
 
 def row(recipe, variant, s_per_epoch, acc=0.9, seed=0):
@@ -32,33 +41,29 @@ def test_table_has_a_row_per_run():
 
 
 @pytest.mark.slow
-def test_smoke_benchmark_runs_every_recipe_and_variant(tmp_path):
+def test_smoke_benchmark_runs_every_recipe(tmp_path, narrow_nets, capsys):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "model.bench", "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["recipe"], r["variant"]) for r in rows} == {
-        (rc, v) for rc in ("reference", "paper", "fast") for v in ("deep", "light")}
-    assert "paper/deep:" in result.stdout and "fast/light:" in result.stdout
-    assert all(r["images_per_second"] > 0 for r in rows)
+    assert bench.main(["--smoke", "--variants", "light", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["recipe"] for r in rows] == ["reference", "paper", "fast"]
+    assert all(r["images_per_second"] > 0 and r["train_seconds"] > 0 for r in rows)
+    assert all(r["epochs"] == 1 and len(r["history"]) == 1 for r in rows)
+    assert result["env"]["commit"] != "unknown" and result["env"]["train_images"] == 4
+    stdout = capsys.readouterr().out
+    assert "paper/light:" in stdout and "fast/light:" in stdout
 
 
 @pytest.mark.slow
-def test_predict_mode_times_both_variants_with_and_without_tta(tmp_path):
+def test_predict_mode_times_with_and_without_tta(tmp_path, narrow_nets):
     out = tmp_path / "predict.json"
-    result = subprocess.run([sys.executable, "-m", "model.bench", "--smoke", "--predict",
-                             "--out", str(out)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert bench.main(["--smoke", "--predict", "--variants", "light", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["predict"]
-    assert {(r["variant"], r["tta"]) for r in rows} == {
-        (v, t) for v in ("deep", "light") for t in (False, True)}
-    assert all(r["images"] == 64 and r["images_per_second"] > 0 for r in rows)
+    assert [(r["variant"], r["tta"]) for r in rows] == [("light", False), ("light", True)]
+    assert all(r["images"] == bench.SMOKE_IMAGES and r["images_per_second"] > 0 for r in rows)
     assert all(r["baseline_images_per_second"] > 0 and r["speedup"] > 0 for r in rows)
     # The fast path predicts what the old one did.
     assert all(r["labels_differ"] == 0 and r["max_prob_diff"] < 1e-4 for r in rows)
-    assert "baseline img/s" in result.stdout and "\nlight " in result.stdout
 
 
 def test_predict_table_shows_the_baseline_the_fast_path_and_their_ratio():
@@ -75,7 +80,7 @@ def test_predict_table_shows_the_baseline_the_fast_path_and_their_ratio():
 
 def test_baseline_predict_is_the_unfused_path():
     torch.manual_seed(0)
-    model = build_model("light").eval()
+    model = narrow().eval()
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     labels, probs = baseline_predict(model, images, batch_size=1000, device=torch.device("cpu"))
     ref_labels, ref_probs = predict(model, images, fuse=False)
@@ -95,10 +100,48 @@ def test_a_profile_sets_the_recipe_and_options_win():
 
 
 def test_the_table_says_whether_each_step_ran_compiled():
-    import dataclasses
-
     compiled = dataclasses.replace(row("fast", "deep", 1.0), compile_seconds=41.25, compiled=True)
-    failed = dataclasses.replace(row("fast", "light", 1.0), compile_seconds=3.0)
+    failed = dataclasses.replace(row("fast", "light", 1.0), compile_seconds=3.0,
+                                 compile_fallback=True)
     eager = row("reference", "light", 6.0)
     lines = format_table([compiled, failed, eager]).splitlines()
-    assert [line.split()[5] for line in lines[2:]] == ["41.2", "failed", "eager"]
+    assert [line.split()[6] for line in lines[2:]] == ["41.2", "failed", "eager"]
+
+
+def test_time_to_accuracy_sums_training_seconds_up_to_the_first_epoch_at_the_goal():
+    history = [{"val/acc": acc, "train_seconds": 2.0, "eval_seconds": 9.0}
+               for acc in (0.5, 0.91, 0.89, 0.95)]
+    assert time_to_accuracy(history, (0.9, 0.94, 0.99)) == {
+        "0.900": {"epochs": 2, "train_seconds": 4.0},  # evaluation time not counted
+        "0.940": {"epochs": 4, "train_seconds": 8.0},
+        "0.990": None,
+    }
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200 NVL", 835.0), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_the_card_peak_comes_from_its_name(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert card_peak(torch.device("cuda")) == (name, peak)
+    assert card_peak(torch.device("cpu"))[1] is None
+
+
+def test_peak_share_is_empty_for_a_card_without_a_known_peak():
+    unknown = dataclasses.replace(row("fast", "deep", 1.0), peak_percent=None)
+    assert format_table([unknown]).splitlines()[2].split()[10] == "-"
+
+
+@pytest.mark.slow
+def test_compile_events_count_torchs_recompiles_and_cudagraph_skips():
+    from torch._dynamo.utils import counters
+
+    double = torch.compile(lambda x: 2 * x, backend="eager", dynamic=False)
+    with CompileEvents() as events:
+        double(torch.ones(3))
+        double(torch.ones(3, dtype=torch.float64))  # a new dtype: a recompile
+        double(torch.ones(3))  # cached
+        counters["inductor"]["cudagraph_skips"] += 2  # what inductor does per skipped graph
+    double(torch.ones(3, dtype=torch.int64))  # after the run: not its recompile
+    assert (events.recompiles, events.cudagraph_skips) == (1, 2)

@@ -1,0 +1,231 @@
+"""Measurements shared by the benchmark and the GPU check: one training row, the card's
+peak, torch's compile events, prediction timing, and a synthetic dataset for smoke runs."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from model.data import Dataset, Split
+from model.nets import build_model, summary
+from model.predict import (
+    inference_model,
+    labels_and_probabilities,
+    logits,
+    predict,
+    synchronize,
+    to_device_images,
+)
+from model.train import TrainConfig, fit
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the name
+# torch reports for the card; the first pattern found in the name wins. Unknown: no peak.
+DENSE_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                     ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+PREDICT_SLICE = 1000  # images per turn when the old and new prediction paths alternate
+
+
+@dataclass
+class Row:
+    recipe: str
+    variant: str
+    seed: int
+    epochs: int
+    train_seconds: float  # training only: compile and evaluation are timed apart
+    compile_seconds: float
+    seconds_per_epoch: float  # training seconds, median of the epochs after the first
+    images_per_second: float  # training images per training second, same epochs
+    tflops: float
+    peak_percent: float | None  # of the card's dense bf16 peak; None: CPU or unknown card
+    val_acc: float
+    val_acc_tta: float | None
+    test_acc: float | None
+    test_acc_tta: float | None = None
+    compiled: bool = False  # the step ran compiled
+    compile_fallback: bool = False  # compiling was tried and failed: the step ran eager
+    eval_seconds: float = 0.0  # per-epoch validation, summed
+    recompiles: int = 0  # torch's `recompiles` log records during the run
+    cudagraph_skips: int = 0  # graphs inductor did not capture as CUDA graphs
+    # Accuracy goal -> {"epochs", "train_seconds"} when validation first reached it, or None.
+    time_to_accuracy: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def train_row(config: TrainConfig, data: Dataset, device: torch.device,
+              accuracy_goals: tuple[float, ...] = (), verbose: bool = False) -> Row:
+    """Train `config` and measure it: one row of the benchmark and of the GPU check."""
+    note(f"training {config.recipe}/{config.variant} seed {config.seed}: {config.epochs} "
+         f"epochs, batch {config.batch_size}, {len(data.train):,} images")
+    flops = summary(build_model(config.variant)).forward_flops * TRAIN_FLOPS_PER_FORWARD
+    peak = card_peak(device)[1]
+    with CompileEvents(active=config.compiles_on(device)) as events:
+        result = fit(config, data, on_epoch_end=_progress if verbose else None)
+    m, history = result.metrics, result.history
+    # The first epoch pays for cuDNN autotuning and allocator warm-up: report the
+    # steady-state speed when there is more than one epoch.
+    steady = history[1:] or history
+    per_epoch = statistics.median(h["train_seconds"] for h in steady)
+    ips = statistics.median(h["images_per_second"] for h in steady)
+    tflops = flops * ips / 1e12
+    return Row(
+        config.recipe, config.variant, config.seed, int(m["epochs"]), m["train_seconds"],
+        m["compile_seconds"], per_epoch, ips, tflops,
+        None if peak is None else 100 * tflops / peak, m["val/acc"], m.get("val/acc_tta"),
+        m.get("test/acc"), m.get("test/acc_tta"), bool(m.get("compiled")),
+        bool(m.get("compile_fallback")), m["eval_seconds"], events.recompiles,
+        events.cudagraph_skips, time_to_accuracy(history, accuracy_goals), history,
+    )
+
+
+def time_to_accuracy(history: list[dict], goals: tuple[float, ...]) -> dict:
+    """For each accuracy goal, the epochs and training seconds until the validation
+    accuracy first reached it (None: never)."""
+    out: dict[str, dict | None] = {}
+    for goal in goals:
+        out[f"{goal:.3f}"], seconds = None, 0.0
+        for n, h in enumerate(history, start=1):
+            seconds += h["train_seconds"]
+            if h["val/acc"] >= goal:
+                out[f"{goal:.3f}"] = {"epochs": n, "train_seconds": seconds}
+                break
+    return out
+
+
+def card_peak(device: torch.device) -> tuple[str, float | None]:
+    """(the device's name, its dense bf16 peak in TFLOP/s or None)."""
+    if device.type != "cuda":
+        return platform.processor() or "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((tflops for pattern, tflops in DENSE_BF16_TFLOPS if pattern in name),
+                      None)
+
+
+class CompileEvents(logging.Handler):
+    """Counts, while active, torch's recompilations (its `recompiles` log, switched on
+    here: the reasons also go to stderr) and the graphs inductor could not capture as
+    CUDA graphs (its `cudagraph_skips` counter). Inactive (an eager run): both stay 0,
+    and torch's compiler is not even imported."""
+
+    LOGGER = "torch._dynamo.guards.__recompiles"
+
+    def __init__(self, active: bool = True):
+        super().__init__()
+        self.active, self.recompiles, self.cudagraph_skips = active, 0, 0
+
+    def __enter__(self) -> CompileEvents:
+        if self.active:
+            from torch._dynamo.utils import counters
+
+            # A clean slate: the run's compile time is its own, and graphs of an earlier
+            # run count neither as its recompiles nor against torch's recompile limit.
+            torch._dynamo.reset()
+            torch._logging.set_logs(recompiles=True)
+            self._counters = counters
+            self._skips = counters["inductor"]["cudagraph_skips"]
+            logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.recompiles += 1
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            logging.getLogger(self.LOGGER).removeHandler(self)
+            self.cudagraph_skips = self._counters["inductor"]["cudagraph_skips"] - self._skips
+
+
+def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
+    """Time `predict` against the path it replaced on up to 10,000 images, per variant and
+    with and without TTA; model construction apart, `predict`'s own preparation (batch-norm
+    folding) included. The two paths take turns every PREDICT_SLICE images, so that other
+    work on a shared machine slows both alike and their ratio stays fair."""
+    images = data.val.images
+    if len(images) < args.predict_images:
+        reps = -(-args.predict_images // len(images))
+        images = np.concatenate([images] * reps)
+    images = images[: args.predict_images]
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    kwargs = dict(batch_size=args.predict_batch, device=device, precision=precision)
+    out = []
+    for variant in args.variants:
+        model = build_model(variant).to(device).eval()
+        synchronize(device)
+        started = time.perf_counter()
+        fast_model = inference_model(model, device)  # what predict() does first
+        synchronize(device)
+        prepare_seconds = time.perf_counter() - started
+        paths = {"baseline": partial(baseline_predict, model, **kwargs),
+                 "fast": partial(predict, fast_model, fuse=False, **kwargs)}
+        for path in paths.values():  # warm-up: allocator, oneDNN/cuDNN primitives
+            for tta in (False, True):  # the timed batch shapes, TTA's included
+                path(images[: max(256, args.predict_batch)], tta=tta)
+        for tta in (False, True):
+            seconds = {"baseline": 0.0, "fast": prepare_seconds}
+            results: dict[str, list] = {"baseline": [], "fast": []}
+            for turn, start in enumerate(range(0, len(images), PREDICT_SLICE)):
+                x = images[start : start + PREDICT_SLICE]
+                for name in sorted(paths, reverse=turn % 2 == 1):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    results[name].append(paths[name](x, tta=tta))
+                    synchronize(device)
+                    seconds[name] += time.perf_counter() - started
+            (base_labels, base_probs), (labels, probs) = (
+                tuple(np.concatenate(part) for part in zip(*results[name], strict=True))
+                for name in ("baseline", "fast"))
+            base_s, fast_s = seconds["baseline"], seconds["fast"]
+            out.append({
+                "variant": variant, "tta": tta, "images": len(images),
+                "baseline_seconds": base_s,
+                "baseline_images_per_second": len(images) / base_s,
+                "seconds": fast_s, "images_per_second": len(images) / fast_s,
+                "speedup": base_s / fast_s,
+                "max_prob_diff": float(np.abs(probs - base_probs).max(initial=0.0)),
+                "labels_differ": int((labels != base_labels).sum()),
+            })
+            note(f"predict {variant} tta={tta}: baseline {len(images) / base_s:,.0f} img/s, "
+                 f"fast {len(images) / fast_s:,.0f} img/s")
+    return out
+
+
+def baseline_predict(model, images, *, batch_size: int, tta: bool = False, device,
+                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """`predict` as it was before batch-norm folding, channels-last and small CPU batches:
+    the unchanged eval model, NCHW, `batch_size` images per forward pass, one stream."""
+    x = to_device_images(images, device)  # (N, 3, 32, 32) uint8
+    y = logits(model.to(device), x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
+    return labels_and_probabilities(y)
+
+
+def _progress(metrics: dict) -> None:
+    note(f"  epoch {int(metrics['epoch'])}: train loss {metrics['train/loss']:.3f}, "
+         f"val acc {100 * metrics['val/acc']:.2f}%, {metrics['train_seconds']:.2f} s training")
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def synthetic_dataset(n_train: int, n_val: int, seed: int = 0) -> Dataset:
+    """Random images whose label is written into their mean colour, so a few steps can fit
+    them: the smoke run needs no data on disk."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.int64)
+        noise = rng.integers(0, 96, (n, 32, 32, 3))
+        images = (noise + labels[:, None, None, None] * 16).astype(np.uint8)
+        return Split(images, labels)
+
+    return Dataset(train=split(n_train), val=split(n_val), test=None,
+                   classes=tuple(str(i) for i in range(10)), digest="synthetic",
+                   source="synthetic")
