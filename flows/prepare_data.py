@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from prefect import flow
 
+from model.config import DataConfig
 from tasks.data import prepare_data
 from tasks.settings import Settings
 
 
 @flow(name="prepare-data", log_prints=True)
-def prepare_data_flow(data_source: str | None = None, val_size: int = 5000,
-                      split_seed: int = 0) -> dict:
+def prepare_data_flow(data: DataConfig = DataConfig()) -> dict:  # noqa: B008 (frozen)
     settings = Settings.from_env()
-    data = prepare_data(settings, data_source, val_size, None, split_seed)
-    counts = [int((data.train.labels == c).sum()) for c in range(len(data.classes))]
-    return {"source": data.source, "digest": data.digest, "val_digest": data.val.digest,
-            "train_images": len(data.train), "val_images": len(data.val),
-            "test_images": len(data.test) if data.test is not None else 0,
-            "train_per_class": dict(zip(data.classes, counts, strict=True))}
+    dataset = prepare_data(settings, data)
+    counts = [int((dataset.train.labels == c).sum()) for c in range(len(dataset.classes))]
+    return {"source": dataset.source, "digest": dataset.digest,
+            "val_digest": dataset.val.digest, "train_images": len(dataset.train),
+            "val_images": len(dataset.val),
+            "test_images": len(dataset.test) if dataset.test is not None else 0,
+            "train_per_class": dict(zip(dataset.classes, counts, strict=True))}

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from model.data import load_dataset
+from model.config import DataConfig
 from model.profiles import resolve_profile
 from model.train import TrainConfig, fit
 
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     profile, why = resolve_profile(args.profile)
     print(why, flush=True)
-    data = load_dataset(args.data, val_size=profile.val_size, train_size=profile.train_size)
+    data = DataConfig(data_source=args.data, val_size=profile.val_size,
+                      train_size=profile.train_size).load()
     print(f"data {data.digest[:12]}: {len(data.train):,} train, {len(data.val):,} validation",
           flush=True)
     results = {}

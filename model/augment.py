@@ -5,30 +5,31 @@ return a new tensor of the same dtype and device; they never write into their in
 parameters are drawn per image, in one or two batched calls, from `generator` (a
 `torch.Generator` on the images' device, or None for that device's global RNG), so one seed
 gives bit-identical output, and nothing reads a value back to the host: on a GPU the whole
-pipeline queues without a sync.
+pipeline queues without a sync. Each pipeline is a few dozen batched ops whatever the batch
+size, since on a GPU their launches, not their arithmetic, set the cost.
 
-`reference_transform` and `PILDataset` are the report's per-image torchvision pipeline,
-kept exactly as published for the `reference` recipe.
+`reference_transform` and `PILDataset`, the report's per-image torchvision pipeline for the
+`reference` recipe, live in model/reference_pipeline.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import itertools
+import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+from model.reference_pipeline import (  # noqa: F401 (re-exported)
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    PILDataset,
+    reference_transform,
+)
 
 # ITU-R 601-2 luma, the grayscale torchvision and PIL blend with for contrast and saturation.
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-
-# Colour-jitter operation ids. A blend slot holding _HUE does nothing, since hue has its own step.
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
 
 
 # --- validation and dtype plumbing ------------------------------------------------------------
@@ -58,20 +59,13 @@ def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-def _restore(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.uint8:
-        return y.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    return y.to(dtype)
-
-
 @functools.cache
-def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Cached per device: building them from Python floats on every call would be a host-to-device
     # copy, which on CUDA waits for the queued work to finish.
     mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     std = torch.tensor(CIFAR10_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-    gray = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-    return mean, std, gray
+    return mean, std
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     Computed in float32 exactly as ToTensor then Normalize would, then cast to `dtype`.
     """
     _check_images(x, "normalize", rgb=True)
-    mean, std, _ = _constants(x.device)
+    mean, std = _constants(x.device)
     return ((_to_unit_float(x) - mean) / std).to(dtype)
 
 
@@ -112,8 +106,8 @@ def crop_flip_at(
 
     `offsets` (N, 2) holds (top, left) of each HxW window in the image padded by `padding` on
     every side; `flips` (N,) bool, or None for no flips. One gather does both, so a crop and a
-    flip cost a single pass over the batch. This is what the random versions apply; call it
-    directly to replay known parameters.
+    flip cost a single pass over the batch. This is what crop_flip applies; call it directly
+    to replay known parameters.
     """
     _check_images(x, "crop_flip_at")
     n, c, h, w = x.shape
@@ -129,41 +123,6 @@ def crop_flip_at(
     index = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]  # (N, H, W) flat in padded
     index = index.view(n, 1, h * w).expand(n, c, h * w)  # (N, C, H*W), a view, no copy
     return padded.flatten(2).gather(2, index).view(n, c, h, w)  # (N, C, H, W)
-
-
-def random_crop(
-    x: torch.Tensor,
-    padding: int = 4,
-    generator: torch.Generator | None = None,
-    return_offsets: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Like torchvision RandomCrop(size, padding) with zero fill, per image: pad by `padding`,
-    then take an HxW window at a random offset in [0, 2 * padding] on each axis.
-
-    With `return_offsets`, also returns the offsets, (N, 2) as (top, left) in the padded image.
-    """
-    _check_images(x, "random_crop")
-    _check_generator(x, generator)
-    offsets = _draw_offsets(x, padding, generator)
-    out = crop_flip_at(x, offsets, None, padding)
-    return (out, offsets) if return_offsets else out
-
-
-def random_flip(
-    x: torch.Tensor,
-    p: float = 0.5,
-    generator: torch.Generator | None = None,
-    return_flags: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mirror each image left-right with probability `p`.
-
-    With `return_flags`, also returns which images were flipped, (N,) bool.
-    """
-    _check_images(x, "random_flip")
-    _check_generator(x, generator)
-    flips = _draw_flips(x, p, generator)
-    out = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-    return (out, flips) if return_flags else out
 
 
 def cutout(
@@ -205,9 +164,9 @@ def crop_flip(
     generator: torch.Generator | None = None,
     cutout_size: int = 0,
 ) -> torch.Tensor:
-    """The fast recipe's augmentation: random crop and flip in one gather, then cutout if
-    `cutout_size` > 0. Draws exactly what random_crop, random_flip and cutout would in turn,
-    so the same generator state gives the same images as calling them one after another."""
+    """The fast recipe's augmentation: random crop (pad `padding`, zero fill, offsets uniform
+    in [0, 2 * padding]) and flip (p = 0.5) in one gather, then cutout if `cutout_size` > 0.
+    Draws the offsets, then the flips, then the cutout centres."""
     _check_images(x, "crop_flip")
     _check_generator(x, generator)
     offsets = _draw_offsets(x, padding, generator)
@@ -218,325 +177,223 @@ def crop_flip(
     return out
 
 
-def crop_flip_cutout(
-    x: torch.Tensor,
-    padding: int = 4,
-    cutout_size: int = 12,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """crop_flip with a cutout square; 12 px is about 1/3 of the side, a common CIFAR choice."""
-    return crop_flip(x, padding, generator, cutout_size=cutout_size)
+# --- the report's pipeline, batched -------------------------------------------------------------
+
+# The report's parameters: RandomCrop(32, padding=4), RandomHorizontalFlip(), ColorJitter(0.3,
+# 0.3, 0.3, 0.1), RandomRotation(20), RandomAffine(0, translate=(0.1, 0.1)).
+_PAD, _DEGREES, _TRANSLATE, _JITTER, _HUE_SHIFT = 4, 20.0, 0.1, 0.3, 0.1
+
+# Columns of the (N, 13) tensor report_params draws, one row per image. The first seven are
+# whole numbers: flip (1 mirrors), the constant 1, the shift (dx, dy) right and down in pixels,
+# the crop window's (top, left) in the image padded by 4, and perm, the jitter's order as an
+# index into JITTER_ORDERS. Then the angle in degrees (counter-clockwise), the brightness,
+# contrast and saturation factors, 1 again, and the hue shift as a fraction of the wheel. The
+# ones let the apply step build its matrices with one product and a matmul.
+REPORT_PARAMS = ("flip", "one", "dx", "dy", "top", "left", "perm",
+                 "angle", "brightness", "contrast", "saturation", "one", "hue")
+_WHOLE = 7  # columns [0, 7) are floored
+
+# Colour-jitter op ids, as torchvision's ColorJitter numbers them, and every order of the four:
+# ColorJitter applies them in the order of torch.randperm(4), uniform over these 24.
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
+JITTER_ORDERS = tuple(itertools.permutations(range(4)))
 
 
-# --- colour jitter ------------------------------------------------------------------------------
+def _jitter_slots(order: tuple[int, ...]) -> list[int]:
+    """Six blend slots around the one hue step: the blends an order runs before its hue take
+    the last of slots 0-2, the ones after it the first of slots 3-5, and the rest hold _HUE,
+    which a slot treats as the identity. Every image then runs the same 6 blends and 1 hue
+    shift, in its own order, with no branching on device values."""
+    k = order.index(_HUE)
+    slots = [_HUE] * 6
+    slots[3 - k : 3] = order[:k]
+    slots[3 : 6 - k] = order[k + 1 :]
+    return slots
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) float RGB in [0, 1] -> HSV, each in [0, 1]; hue is a fraction of the wheel
-    and 0 where the pixel is gray."""
-    r, g, b = x.unbind(1)  # each (N, H, W)
-    maxc = x.amax(1)
-    delta = maxc - x.amin(1)
-    safe_delta = torch.where(delta > 0, delta, 1.0)  # gray pixels: numerators are 0 anyway
-    hue = torch.where(
-        maxc == r,
-        (g - b) / safe_delta,
-        torch.where(maxc == g, 2.0 + (b - r) / safe_delta, 4.0 + (r - g) / safe_delta),
-    )  # in sextants, [-1, 5)
-    hue = (hue / 6.0).remainder(1.0)
-    saturation = delta / torch.where(maxc > 0, maxc, 1.0)
-    return torch.stack((hue, saturation, maxc), dim=1)  # (N, 3, H, W)
+@functools.cache
+def _report_constants(device: torch.device, h: int, w: int) -> dict[str, torch.Tensor]:
+    """Every constant the report's pipeline needs for HxW images, built once per device and
+    size: on CUDA a tensor built from Python values is a copy that waits for queued work."""
+    hp, wp = h + 2 * _PAD, w + 2 * _PAD
+    max_dx, max_dy = _TRANSLATE * w, _TRANSLATE * h
+    # lo + span * u with u uniform in [0, 1). Floored columns shrink their span a hair so that
+    # float rounding never lifts u just under 1 onto the excluded top value; round(v) is
+    # floor(v + 0.5), hence the + 0.5 on the shifts.
+    def whole(count: int) -> tuple[float, float]:  # floors to 0 .. count - 1
+        return 0.0, count * (1 - 1e-6)
 
+    jitter = (1 - _JITTER, 2 * _JITTER)
+    ranges = {"flip": whole(2), "one": (1.0, 0.0), "dx": (0.5 - max_dx, 2 * max_dx),
+              "dy": (0.5 - max_dy, 2 * max_dy), "top": whole(2 * _PAD + 1),
+              "left": whole(2 * _PAD + 1), "perm": whole(len(JITTER_ORDERS)),
+              "angle": (-_DEGREES, 2 * _DEGREES), "brightness": jitter, "contrast": jitter,
+              "saturation": jitter, "hue": (-_HUE_SHIFT, 2 * _HUE_SHIFT)}
+    lo, span = zip(*(ranges[name] for name in REPORT_PARAMS), strict=True)
 
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of rgb_to_hsv: (N, 3, H, W) HSV in [0, 1] -> RGB in [0, 1].
-
-    Uses the closed form c = V - V*S*clamp(min(k, 4 - k), 0, 1) with k = (n + 6H) mod 6 and
-    n = 5, 3, 1 for R, G, B: a few elementwise ops instead of a six-way sextant select.
-    """
-    hue, saturation, value = x.unbind(1)  # each (N, H, W)
-    chroma = value * saturation
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (hue * 6.0 + n).remainder(6.0)
-        channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
-    return torch.stack(channels, dim=1)  # (N, 3, H, W)
-
-
-def _factor_range(name: str, value: float) -> tuple[float, float]:
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return max(0.0, 1.0 - value), 1.0 + value
-
-
-def _draw_jitter(
-    y: torch.Tensor,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not 0.0 <= hue <= 0.5:
-        raise ValueError(f"hue must be in [0, 0.5] (a fraction of the colour wheel), got {hue}")
-    ranges = [
-        _factor_range("brightness", brightness),
-        _factor_range("contrast", contrast),
-        _factor_range("saturation", saturation),
-        (-hue, hue),
+    # theta (F.affine_grid's 2x3 matrix, output to input in [-1, 1] coordinates) as a linear
+    # map of the products [flip, one] x [cos, sin, 1] x [one, dx, dy, top, left]. In pixels
+    # about the centres, output (X, Y) reads the flipped crop at R^-1 (X - dx, Y - dy), that
+    # is Xs = cos (X - dx) - sin (Y - dy), Ys = sin (X - dx) + cos (Y - dy); mirroring is
+    # a = 1 - 2 * flip, so the padded image is read at (a * Xs + left - 4, Ys + top - 4).
+    # Each term: (theta entry, row-major; times a?; index in [cos, sin, 1]; index in
+    # [one, dx, dy, top, left]; coefficient), with X = xn * w / 2 and Y = yn * h / 2.
+    terms = [
+        (0, True, 0, 0, w / 2), (1, True, 1, 0, -h / 2), (2, True, 0, 1, -1), (2, True, 1, 2, 1),
+        (2, False, 2, 4, 1), (2, False, 2, 0, -_PAD),
+        (3, False, 1, 0, w / 2), (4, False, 0, 0, h / 2), (5, False, 1, 1, -1),
+        (5, False, 0, 2, -1), (5, False, 2, 3, 1), (5, False, 2, 0, -_PAD),
     ]
-    u = torch.rand(y.shape[0], 8, generator=generator, device=y.device)  # (N, 8)
-    factors = torch.stack(
-        [lo + (hi - lo) * u[:, i] for i, (lo, hi) in enumerate(ranges)], dim=1
-    )  # (N, 4): brightness, contrast, saturation factors and hue shift
-    order = u[:, 4:].argsort(dim=1)  # (N, 4): op ids in the order each image applies them
-    return factors, order
+    theta = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+    for entry, mirrored, trig, g, coef in terms:
+        coef *= 2 / (wp if entry < 3 else hp)  # padded pixels -> [-1, 1]
+        theta[1, trig, g, entry] += coef  # one * coef
+        if mirrored:
+            theta[0, trig, g, entry] -= 2 * coef  # flip * -2 coef
+
+    # Per op id, (a, b, alpha) of the blend a * img + b * gray(img) + alpha * mean(gray(img)),
+    # as linear maps of [brightness, contrast, saturation, one]. That is torchvision's
+    # f * img + (1 - f) * ref, with ref black, the gray mean or the grayscale image.
+    ops = torch.zeros(4, 4, 3, dtype=torch.float64)
+    ops[0, _BRIGHTNESS, 0] = 1  # f * img
+    ops[1, _CONTRAST, 0], ops[1, _CONTRAST, 2], ops[3, _CONTRAST, 2] = 1, -1, 1  # + (1-f) mean
+    ops[2, _SATURATION, 0], ops[2, _SATURATION, 1], ops[3, _SATURATION, 1] = 1, -1, 1
+    ops[3, _HUE, 0] = 1  # the identity
+    gray = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float64)
+    # (a, b, alpha) -> the slot's 3x3 colour matrix a * I + b * G and its 3x3 mean matrix
+    # alpha * G / (H * W), G with each row the gray weights: applied to the window's colour sum
+    # it gives the contrast term.
+    blend = torch.zeros(3, 2, 3, 3, dtype=torch.float64)
+    blend[0, 0], blend[1, 0], blend[2, 1] = torch.eye(3), gray.expand(3, 3), gray / (h * w)
+    cyclic = torch.tensor([[0.0, 1, -1], [-1, 0, 1], [1, -1, 0]])  # row i: next - the one after
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype=torch.float32).to(device)
+
+    return {
+        "lo": on(torch.tensor(lo)),
+        "span": on(torch.tensor(span)),
+        "angle_k": on(torch.tensor([math.pi / 180, math.pi / 180, 0.0])),
+        "angle_phase": on(torch.tensor([0.0, -math.pi / 2, 0.0])),  # cos(t - pi/2) = sin(t)
+        "theta": on(theta.view(30, 6)),
+        "ops": on(ops.view(4, 12)),
+        "slots": torch.tensor([_jitter_slots(o) for o in JITTER_ORDERS]).to(device),  # (24, 6)
+        "blend": on(blend.view(3, 18)),
+        "cyclic": on(cyclic),
+        "sextant": on(torch.tensor([0.0, 2.0, 4.0]).view(1, 3, 1)),
+        "hue_n": on(torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1)),
+        "index": on(torch.arange(max(hp, wp))),
+        "bound": on(torch.tensor([w - 1.0, h - 1.0, h - 1.0, w - 1.0]).view(1, 4, 1)),
+        "zero": on(torch.zeros(1, 1, 1)),
+        "uint8_scale": on(torch.tensor([1 / 255, 1, 1, 1, 1, 255]).view(1, 6, 1)),
+    }
 
 
-def _blend(
-    y: torch.Tensor, op: torch.Tensor, table: torch.Tensor, gray_w: torch.Tensor
-) -> torch.Tensor:
-    """One brightness, contrast or saturation step, chosen per image by `op` (N,): torchvision's
-    blend f*img + (1-f)*ref with ref = 0, the gray mean, or the gray image."""
-    n = y.shape[0]
-    f = table.gather(1, op.view(n, 1)).view(n, 1, 1, 1)
-    gray = (y * gray_w).sum(1, keepdim=True)  # (N, 1, H, W)
-    gray_mean = gray.mean((2, 3), keepdim=True)  # (N, 1, 1, 1)
-    ref = torch.where(
-        (op == _SATURATION).view(n, 1, 1, 1),
-        gray,
-        torch.where((op == _CONTRAST).view(n, 1, 1, 1), gray_mean, 0.0),
-    )  # (N, 1, H, W)
-    # f = 1 (a skipped slot) gives 1*y + 0*ref, exactly y.
-    return (f * y + (1.0 - f) * ref).clamp_(0.0, 1.0)
-
-
-def _shift_hue(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = rgb_to_hsv(y)
-    hue = (hsv[:, 0] + shift.view(-1, 1, 1)).remainder(1.0)  # (N, H, W)
-    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1)).clamp_(0.0, 1.0)
-
-
-def _apply_jitter(
-    y: torch.Tensor,
-    factors: torch.Tensor,
-    order: torch.Tensor,
-    blends: bool,
-    hue: bool,
-) -> torch.Tensor:
-    """Apply jitter to float32 images in [0, 1] in a per-image random order.
-
-    Hue is the costly op, so rather than trying all four ops at each of four positions, each
-    image's order is laid out as three blend slots, the hue step, three blend slots: the ops
-    before its hue fill the first slots, the ones after fill the last, and the rest are skipped.
-    Every image then runs 6 cheap blends and 1 hue shift, with no branching on device values.
-    """
-    n = y.shape[0]
-    slot = torch.arange(3, device=y.device)
-    hue_pos = (order == _HUE).int().argmax(dim=1, keepdim=True)  # (N, 1)
-    before = torch.where(slot < hue_pos, order[:, :3], _HUE)  # (N, 3)
-    after_pos = hue_pos + 1 + slot  # (N, 3)
-    after = torch.where(after_pos < 4, order.gather(1, after_pos.clamp(max=3)), _HUE)  # (N, 3)
-    # Factor per op id; a slot holding _HUE reads 1, the identity blend.
-    table = torch.cat((factors[:, :3], torch.ones(n, 1, device=y.device)), dim=1)  # (N, 4)
-    _, _, gray_w = _constants(y.device)
-    if blends:
-        for j in range(3):
-            y = _blend(y, before[:, j], table, gray_w)
-    if hue:
-        y = _shift_hue(y, factors[:, 3])
-    if blends:
-        for j in range(3):
-            y = _blend(y, after[:, j], table, gray_w)
-    return y
-
-
-def color_jitter(
-    x: torch.Tensor,
-    brightness: float = 0.3,
-    contrast: float = 0.3,
-    saturation: float = 0.3,
-    hue: float = 0.1,
-    generator: torch.Generator | None = None,
-    return_params: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """torchvision ColorJitter with its parameter ranges and semantics, drawn per image.
-
-    Brightness factor uniform in [max(0, 1-b), 1+b] scales the image; contrast in
-    [max(0, 1-c), 1+c] blends with the image's gray mean; saturation in [max(0, 1-s), 1+s]
-    blends with its grayscale; hue shift uniform in [-h, h] of the colour wheel, through
-    RGB -> HSV -> RGB. Each step clamps to [0, 1]. The order of the four is a random
-    permutation drawn PER IMAGE, as torchvision draws one per call on each PIL image.
-    uint8 input is computed in float and rounded back.
-
-    With `return_params`, also returns {"factors": (N, 4) brightness, contrast, saturation
-    factors and hue shift, "order": (N, 4) op ids 0..3 in that order, as applied}.
-    """
-    _check_images(x, "color_jitter", rgb=True)
+def report_params(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw the report's augmentation parameters for a batch in one call: (N, 13), the columns
+    named by REPORT_PARAMS."""
+    _check_images(x, "report_params", rgb=True)
     _check_generator(x, generator)
-    y = _to_unit_float(x)  # (N, 3, H, W) float32
-    factors, order = _draw_jitter(y, brightness, contrast, saturation, hue, generator)
-    blends = bool(brightness or contrast or saturation)
-    y = _apply_jitter(y, factors, order, blends=blends, hue=hue > 0)
-    out = _restore(y, x.dtype)
-    if return_params:
-        return out, {"factors": factors, "order": order}
-    return out
+    n, _, h, w = x.shape
+    k = _report_constants(x.device, h, w)
+    u = torch.rand(n, len(REPORT_PARAMS), generator=generator, device=x.device)
+    params = torch.addcmul(k["lo"], u, k["span"])
+    params[:, :_WHOLE].floor_()
+    return params
 
 
-# --- rotation and translation -------------------------------------------------------------------
+def _shift_hue(y: torch.Tensor, shift: torch.Tensor, k: dict[str, torch.Tensor]) -> torch.Tensor:
+    """torchvision's adjust_hue on (N, 3, P) floats in [0, 1]: RGB -> HSV, hue + shift, back.
 
-
-def _draw_affine(
-    x: torch.Tensor,
-    degrees: float,
-    translate: tuple[float, float],
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if degrees < 0:
-        raise ValueError(f"degrees must be >= 0, got {degrees}")
-    if not all(0.0 <= t <= 1.0 for t in translate):
-        raise ValueError(f"translate fractions must be in [0, 1], got {translate}")
-    _, _, h, w = x.shape
-    u = torch.rand(x.shape[0], 3, generator=generator, device=x.device) * 2 - 1  # (N, 3)
-    angles = u[:, 0] * degrees  # (N,) degrees
-    # torchvision rounds the shift to whole pixels, which also keeps nearest sampling exact.
-    shifts = torch.stack((u[:, 1] * (translate[0] * w), u[:, 2] * (translate[1] * h)), 1).round()
-    return angles, shifts  # shifts (N, 2) as (dx, dy) pixels
-
-
-def _affine_float(y: torch.Tensor, angles: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = y.shape
-    rad = torch.deg2rad(angles.to(device=y.device, dtype=torch.float32))
-    cos, sin = rad.cos(), rad.sin()
-    dx, dy = shifts.to(device=y.device, dtype=torch.float32).unbind(1)
-    # grid_sample asks, for each output pixel, where to read the input: undo the shift, then
-    # undo the counter-clockwise rotation, in pixels about the centre (y points down), with the
-    # axes rescaled to [-1, 1] each, hence the H/W factors off the diagonal.
-    theta = torch.stack(
-        (
-            torch.stack((cos, -sin * (h / w), -(cos * dx - sin * dy) * (2.0 / w)), dim=1),
-            torch.stack((sin * (w / h), cos, -(sin * dx + cos * dy) * (2.0 / h)), dim=1),
-        ),
-        dim=1,
-    )  # (N, 2, 3)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)  # (N, H, W, 2)
-    # Done in turn, the rotation's frame clips the image before the shift moves it, so output
-    # pixels whose pre-shift position is off the frame stay zero even where the rotated image
-    # extends there. Sending them beyond [-1, 1] lets grid_sample's zero fill do that.
-    src_x = torch.arange(w, device=y.device) - dx[:, None]  # (N, W)
-    src_y = torch.arange(h, device=y.device) - dy[:, None]  # (N, H)
-    off_frame = ((src_y < 0) | (src_y > h - 1))[:, :, None] | ((src_x < 0) | (src_x > w - 1))[
-        :, None, :
-    ]  # (N, H, W)
-    grid = grid.masked_fill(off_frame[..., None], 2.0)
-    return F.grid_sample(y, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def affine_at(x: torch.Tensor, angles: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate each image counter-clockwise by `angles` (N,) degrees about its centre, then shift
-    it by `shifts` (N, 2) = (dx, dy) pixels, right and down; nearest sampling, zero fill.
-
-    torchvision's rotate(angle) then affine(translate=(dx, dy)) for tensors, fused into one
-    resampling. This is what random_affine applies; call it directly to replay known parameters.
+    In sixths of the wheel the hue is 2i + (next - after next) / chroma, i the max channel
+    (ties give the same hue either way), and channel n of the result is
+    max - chroma * clamp(min(k, 4 - k), 0, 1) with k = (6 hue + 5, 3, 1 for R, G, B) mod 6.
+    `shift` (N, 3, 1) holds 6 * shift + (5, 3, 1).
     """
-    _check_images(x, "affine_at")
-    return _restore(_affine_float(_to_unit_float(x), angles, shifts), x.dtype)
+    top = y.amax(1, keepdim=True)  # (N, 1, P)
+    chroma = top - y.amin(1, keepdim=True)
+    # Each channel's candidate hue, kept where that channel is the max. Where two channels tie
+    # their candidates differ by 0 or 6, the same hue. Gray pixels (chroma 0) get hue 0 and
+    # come back unchanged whatever the shift.
+    sixths = torch.matmul(k["cyclic"], y).div_(chroma.clamp_min(1e-12)).add_(k["sextant"])
+    sixths = sixths.masked_fill_(y < top, -7.0).amax(1, keepdim=True)  # (N, 1, P)
+    wheel = (sixths + shift).remainder_(6.0)  # (N, 3, P)
+    return torch.addcmul(top, chroma, torch.minimum(wheel, 4.0 - wheel).clamp_(0.0, 1.0), value=-1)
 
 
-def random_affine(
-    x: torch.Tensor,
-    degrees: float = 20.0,
-    translate: tuple[float, float] = (0.1, 0.1),
-    generator: torch.Generator | None = None,
-    return_params: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torchvision RandomRotation(degrees) then RandomAffine(0, translate), per image, in one
-    affine_grid + grid_sample: angle uniform in [-degrees, degrees], shift uniform in
-    [-t*W, t*W] x [-t*H, t*H] rounded to whole pixels; nearest sampling, zero fill.
+def report_augment_at(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply the report's augmentation with given parameters (see report_params).
 
-    With `return_params`, also returns the angles (N,) in degrees and shifts (N, 2) as (dx, dy).
+    The colour jitter runs first, on the zero-padded image, then one affine_grid + grid_sample
+    does crop, flip, rotation and shift. This computes what the report's order does (crop,
+    flip, jitter, rotation, shift, each with torchvision's nearest sampling and zero fill):
+    - crop and flip only move whole pixels, so the jitter sees the same pixels either way, and
+      its contrast mean is taken over the crop window alone (its padding zeros included);
+    - nearest sampling copies pixels, so pointwise colour ops commute with it;
+    - crop and flip map pixel centres to pixel centres, so rounding the composed position
+      picks the same pixel as rounding the rotation's position and then cropping, except on
+      exact ties (half-pixel positions) and where float error moves a position across one;
+    - what the rotation reads outside the crop window is zero in the report's order, hence
+      the window mask before sampling; where the shift brings in pixels from outside the
+      rotated frame it fills zero, hence the frame mask after.
+    The tests replay the single steps with the same parameters and allow a few such pixels.
+    With set_float32_matmul_precision("high") CUDA runs the matmuls here in TF32, which moves
+    some colours by a uint8 level and positions by about a hundredth of a pixel (affine_grid's
+    own matmul always did): noise far below the PIL pipeline's rounding at every step.
     """
-    _check_images(x, "random_affine")
-    _check_generator(x, generator)
-    angles, shifts = _draw_affine(x, degrees, translate, generator)
-    out = affine_at(x, angles, shifts)
-    return (out, angles, shifts) if return_params else out
+    _check_images(x, "report_augment_at", rgb=True)
+    n, _, h, w = x.shape
+    if params.shape != (n, len(REPORT_PARAMS)):
+        raise ValueError(
+            f"params must have shape ({n}, {len(REPORT_PARAMS)}), got {tuple(params.shape)}"
+        )
+    k = _report_constants(x.device, h, w)
+    hp, wp = h + 2 * _PAD, w + 2 * _PAD
+    params = params.to(device=x.device, dtype=torch.float32)
 
+    # Which rows and columns are inside the frame after the shift (dx, dy) and inside the crop
+    # window of the padded image (top, left).
+    idx = k["index"] - params[:, 2:6, None]  # (N, 4, L): for dx, dy, top, left
+    inside = (torch.clamp(idx, min=k["zero"], max=k["bound"]) == idx).float()
+    frame = inside[:, 1, :h, None] * inside[:, 0, None, :w]  # (N, H, W) 1 or 0
+    window = inside[:, 2, :hp, None] * inside[:, 3, None, :wp]  # (N, Hp, Wp)
 
-# --- pipelines ----------------------------------------------------------------------------------
+    # The jitter: per slot (N,) (a, b, alpha) picked from each image's ops by its order.
+    slots = k["slots"][params[:, 6].long()]  # (N, 6) op ids
+    by_op = (params[:, 8:12] @ k["ops"]).view(n, 4, 3)
+    coefs = by_op.gather(1, slots[:, :, None].expand(n, 6, 3))  # (N, 6, 3)
+    if x.dtype == torch.uint8:  # the first slot reads 0..255, the last writes it
+        coefs = coefs * k["uint8_scale"]
+    matrices = (coefs.transpose(0, 1) @ k["blend"]).view(6, n, 2, 3, 3)  # colour, mean
+    hue_shift = torch.add(k["hue_n"], params[:, 12, None, None], alpha=6)  # (N, 3, 1)
+    high = 255.0 if x.dtype == torch.uint8 else 1.0
+
+    y = torch.zeros(n, 3, hp, wp, dtype=torch.float32, device=x.device)
+    y[:, :, _PAD : _PAD + h, _PAD : _PAD + w] = x  # float32, uint8 kept as 0..255
+    y = y.view(n, 3, hp * wp)  # (N, 3, P)
+    window = window.view(n, hp * wp, 1)
+    for j in range(6):
+        if j == 3:
+            y = _shift_hue(y, hue_shift, k)
+        mean = torch.bmm(matrices[j, :, 1], torch.bmm(y, window))  # (N, 3, 1)
+        y = torch.baddbmm(mean, matrices[j, :, 0], y).clamp_(0.0, high if j == 5 else 1.0)
+    y = (y * window.view(n, 1, -1)).view(n, 3, hp, wp)
+
+    # The geometry: theta from products of the parameters, then one sampling op.
+    trig = torch.cos(torch.addcmul(k["angle_phase"], params[:, 7:8], k["angle_k"]))  # (N, 3)
+    products = params[:, 0:2, None, None] * trig[:, None, :, None] * params[:, None, None, 1:6]
+    theta = (products.view(n, 30) @ k["theta"]).view(n, 2, 3)
+    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)  # (N, H, W, 2)
+    out = F.grid_sample(y, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out = out * frame[:, None]  # (N, 3, H, W)
+    if x.dtype == torch.uint8:
+        return out.round_().to(torch.uint8)
+    return out.to(x.dtype)
 
 
 def report_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The reference report's per-image pipeline, in its order, batched on device: random crop
-    (pad 4), horizontal flip, color jitter (0.3, 0.3, 0.3, 0.1), rotation by up to 20 degrees
-    and shift by up to 10%. Draws as the single functions would in turn, so it equals
-    random_affine(color_jitter(random_flip(random_crop(x)))) under the same generator state,
-    but converts to float once and crops and flips in one pass.
-    """
-    _check_images(x, "report_augment", rgb=True)
-    _check_generator(x, generator)
-    offsets = _draw_offsets(x, 4, generator)
-    flips = _draw_flips(x, 0.5, generator)
-    # Crop and flip in the input dtype: for uint8 that moves a quarter of the bytes.
-    y = _to_unit_float(crop_flip_at(x, offsets, flips, 4))  # (N, 3, H, W) float32
-    factors, order = _draw_jitter(y, 0.3, 0.3, 0.3, 0.1, generator)
-    y = _apply_jitter(y, factors, order, blends=True, hue=True)
-    angles, shifts = _draw_affine(y, 20.0, (0.1, 0.1), generator)
-    y = _affine_float(y, angles, shifts)
-    return _restore(y, x.dtype)
-
-
-def reference_transform(train: bool) -> Any:
-    """The report's torchvision (PIL) transform, exactly, for the `reference` recipe's
-    DataLoader: a PIL image in, a normalized (3, 32, 32) float tensor out."""
-    # Imported here so the batched GPU path never pays for torchvision's import.
-    from torchvision import transforms as T
-
-    to_normalized = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    if not train:
-        return T.Compose(to_normalized)
-    return T.Compose(
-        [
-            T.RandomCrop(32, padding=4),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
-            T.RandomRotation(20),
-            T.RandomAffine(0, translate=(0.1, 0.1)),
-            *to_normalized,
-        ]
-    )
-
-
-class PILDataset(Dataset):
-    """uint8 (N, H, W, 3) RGB images and labels served as (transform(PIL image), int label).
-
-    Holds only arrays and the transform, so it pickles into DataLoader worker processes.
-    """
-
-    def __init__(self, images_uint8_nhwc: np.ndarray, labels: np.ndarray, transform: Any) -> None:
-        images = np.asarray(images_uint8_nhwc)
-        labels = np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
-        if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) to match the images, "
-                f"got {labels.shape}"
-            )
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        image = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
+    """The reference report's per-image pipeline, batched on device: random crop (pad 4),
+    horizontal flip, colour jitter (0.3, 0.3, 0.3, 0.1) in a random order per image, rotation
+    by up to 20 degrees and shift by up to 10%, as torchvision draws and applies them.
+    report_augment_at(x, report_params(x, generator)), in a few dozen batched ops."""
+    return report_augment_at(x, report_params(x, generator))

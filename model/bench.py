@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from model.config import DataConfig
 from model.data import Dataset, load_dataset
 from model.fileio import atomic_write
 from model.measure import (  # noqa: F401 (baseline_predict, synthetic_dataset re-exported)
@@ -152,8 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override every recipe's epochs")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, default=16, help="reference DataLoader workers")
-    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--val-size", type=int, default=5000, help="images held out for validation")
     p.add_argument("--train-size", type=int, help="train on a stratified subset")
+    p.add_argument("--split-seed", type=int, default=0, help="seeds the hold-out and subset")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (default: on for paper and fast on CUDA)")
@@ -198,8 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_data(args) -> Dataset:
     """The training source (synthetic for --smoke), with --test's images as the test split."""
     if args.data:
-        data = load_dataset(args.data, val_size=args.val_size, train_size=args.train_size,
-                            cache_dir=args.cache_dir)
+        data = DataConfig(data_source=args.data, val_size=args.val_size,
+                          train_size=args.train_size, split_seed=args.split_seed,
+                          ).load(cache_dir=args.cache_dir)
     else:
         data = synthetic_dataset(args.train_size, args.val_size)
     if args.test:

@@ -131,7 +131,7 @@ class DataConfig:
     """Where the training data comes from and how it is split; shared by every flow, the
     command line and the benchmark."""
 
-    source: str | None = option(
+    data_source: str | None = option(
         None, "path, file:// or s3:// URI of a cifar-10-python folder or .tar.gz, or a "
         "Hugging Face-style Parquet file; default $CIFAR10_SOURCE, else torchvision's download")
     val_size: int = option(5000, "images held out of training for validation", ge=1)
@@ -141,6 +141,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def load(self, source: str | None = None, cache_dir: str | os.PathLike | None = None):
+        """The Dataset this config names; `source` (a resolved default) when it names none."""
+        from model.data import load_dataset
+
+        chosen = self.data_source or source
+        if not chosen:
+            raise ConfigError("data_source: no training data given")
+        return load_dataset(chosen, val_size=self.val_size, seed=self.split_seed,
+                            train_size=self.train_size, cache_dir=cache_dir)
 
 
 @dataclass(frozen=True)
@@ -235,9 +245,7 @@ def config_fields(cls: type) -> list[tuple[str, Any, Any, dict[str, Any]]]:
     hints = _resolved_types(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        else:
-            default = f.default_factory()  # type: ignore[misc]
+        missing = f.default is dataclasses.MISSING
+        default = f.default_factory() if missing else f.default  # type: ignore[misc]
         out.append((f.name, hints[f.name], default, dict(f.metadata)))
     return out

@@ -7,6 +7,7 @@ sees exactly the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,6 +16,13 @@ from model import augment
 from model.config import TrainConfig
 from model.data import Split
 from model.predict import to_device_images
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C signals the terminal's whole process group. A worker that died of it
+    mid-batch turns the interrupt into "DataLoader worker exited unexpectedly"; the main
+    process stops its workers itself, and they exit when it does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -109,6 +117,7 @@ class ReferenceLoader:
             persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
             drop_last=False,
+            worker_init_fn=_ignore_ctrl_c,
         )
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -47,7 +47,7 @@ class ModifiedResNet(nn.Module):
     def __init__(self, blocks: tuple[int, int, int], num_classes: int = NUM_CLASSES,
                  widths: tuple[int, int, int] = STAGE_WIDTHS):
         super().__init__()
-        self.blocks = tuple(blocks)
+        self.blocks, self.widths = tuple(blocks), tuple(widths)
         # `widths` other than the report's exist for tests: the same code path, in less time.
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -223,7 +223,7 @@ def summary(model: nn.Module, batch_size: int = 128, input_size=(3, 32, 32)) -> 
 def _meta_copy(model: nn.Module) -> nn.Module:
     if isinstance(model, ModifiedResNet):
         with torch.device("meta"):
-            return ModifiedResNet(model.blocks).eval()
+            return ModifiedResNet(model.blocks, widths=model.widths).eval()
     # A compiled or wrapped model: fall back to its original module.
     inner = getattr(model, "_orig_mod", None)
     if inner is not None:

@@ -9,37 +9,34 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NONE
 
-from model.data import Dataset, InvalidInputError, load_dataset
+from model.config import DataConfig
+from model.data import Dataset, InvalidInputError
+from tasks.retries import TRANSIENT_RETRIES
 from tasks.settings import Settings
 
 TORCHVISION = "torchvision"
 
 
-def resolve_source(configured: str | None) -> tuple[str, str]:
+def resolve_source(configured: str | None, settings: Settings) -> tuple[str, str]:
     """(source, where it came from): the flow config, then CIFAR10_SOURCE, then torchvision."""
     if configured:
         return configured, "the flow configuration"
-    if os.environ.get("CIFAR10_SOURCE"):
-        return os.environ["CIFAR10_SOURCE"], "CIFAR10_SOURCE"
+    if settings.data_source:
+        return settings.data_source, "CIFAR10_SOURCE"
     return TORCHVISION, "the default (torchvision's download)"
 
 
-@task(name="prepare-data", cache_policy=NONE, persist_result=False)
-def prepare_data(
-    settings: Settings,
-    source: str | None,
-    val_size: int,
-    train_size: int | None,
-    seed: int,
-) -> Dataset:
+@task(name="prepare-data", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)
+def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
+    """Load and split the configured data. A transient object-store error is retried (the
+    scoring writes' policy); a missing object or bad data is not."""
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
-    resolved, origin = resolve_source(source)
+    resolved, origin = resolve_source(data.data_source, settings)
     logger.info("data source %s (from %s)", resolved, origin)
     try:
-        data = load_dataset(resolved, val_size=val_size, seed=seed, train_size=train_size,
-                            cache_dir=settings.cache_dir)
+        dataset = data.load(resolved, cache_dir=settings.cache_dir)
     except InvalidInputError as exc:
         if resolved == TORCHVISION:
             raise InvalidInputError(
@@ -50,10 +47,10 @@ def prepare_data(
         raise
     logger.info(
         "dataset %s: %d training, %d validation%s images",
-        data.digest[:12], len(data.train), len(data.val),
-        f", {len(data.test)} test" if data.test is not None else "",
+        dataset.digest[:12], len(dataset.train), len(dataset.val),
+        f", {len(dataset.test)} test" if dataset.test is not None else "",
     )
-    return data
+    return dataset
 
 
 def log_dataset(data: Dataset) -> None:

@@ -1,6 +1,9 @@
 """The promote task: move `champion` to the best new version, if it beats the old one on
 the same validation images, point `deep` and `light` at the newest of each, and publish
-the comparison as Prefect artifacts."""
+the comparison as Prefect artifacts.
+
+`compare` is the decision, a pure function of the candidates and the champion; `decide`
+reads the champion from the registry for it, and `promote` writes the outcome back."""
 
 from __future__ import annotations
 
@@ -51,41 +54,62 @@ def promote(results: list[VariantResult], data: Dataset, settings: Settings) -> 
     return decision
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The current champion, as the comparison needs it."""
+
+    version: str
+    val_acc: float  # on the validation images compared on; NaN when unknown
+
+
 def decide(results: list[VariantResult], data: Dataset) -> Promotion:
-    """Which version is champion: the best new one, only if it beats the current champion
-    measured on the same validation digest (the old champion is re-scored when it was
-    validated on other images)."""
-    if not results:
-        old = registry.current_champion()
-        return Promotion(old and str(old.version), False, "no new versions to compare", None,
-                         None, None, None)
-    best = max(results, key=lambda r: r.val_acc)
+    """Read the current champion and its accuracy on these validation images from the
+    registry (re-scoring it when it was validated on other images), then compare."""
     old = registry.current_champion()
     if old is None:
+        return compare(results, None, data.val.digest)
+    # With no candidates there is nothing to compare, so nothing to measure.
+    accuracy = _accuracy_on(old, data) if results else math.nan
+    return compare(results, Champion(str(old.version), accuracy), data.val.digest)
+
+
+def _accuracy_on(version, data: Dataset) -> float:
+    if version.tags.get("val_digest") == data.val.digest:
+        return registry.version_accuracy(version)
+    loaded = registry.load(f"models:/{REGISTERED_MODEL}/{version.version}")
+    labels, _ = predict(loaded.network, data.val.images)
+    return float((labels == data.val.labels).mean())
+
+
+def compare(candidates: list[VariantResult], champion: Champion | None,
+            val_digest: str) -> Promotion:
+    """Which version is champion: the best candidate, only if it beats the champion on
+    the same validation images (`val_digest`). A tie keeps the champion; a champion
+    whose accuracy is unknown (NaN) is replaced."""
+    if not candidates:
+        return Promotion(champion and champion.version, False, "no new versions to compare",
+                         None, None, None, None)
+    best = max(candidates, key=lambda r: r.val_acc)
+    if champion is None:
         return Promotion(best.version, True,
                          f"version {best.version} ({best.variant}) is the first champion, "
                          f"validation accuracy {best.val_acc:.4f}",
                          None, None, best.version, best.val_acc)
-    if str(old.version) == best.version:
+    if champion.version == best.version:
         return Promotion(best.version, False, f"version {best.version} is already champion",
-                         str(old.version), best.val_acc, best.version, best.val_acc)
-    if old.tags.get("val_digest") == data.val.digest:
-        old_acc = registry.version_accuracy(old)
-    else:
-        loaded = registry.load(f"models:/{REGISTERED_MODEL}/{old.version}")
-        labels, _ = predict(loaded.network, data.val.images)
-        old_acc = float((labels == data.val.labels).mean())
+                         champion.version, best.val_acc, best.version, best.val_acc)
+    old_acc = champion.val_acc
     if math.isnan(old_acc) or best.val_acc > old_acc:
         return Promotion(best.version, True,
                          f"version {best.version} ({best.variant}, {best.val_acc:.4f}) beats "
-                         f"champion version {old.version} ({old_acc:.4f}) on validation "
-                         f"{data.val.digest[:12]}",
-                         str(old.version), old_acc, best.version, best.val_acc)
-    return Promotion(str(old.version), False,
-                     f"champion version {old.version} ({old_acc:.4f}) stays: the best new "
+                         f"champion version {champion.version} ({old_acc:.4f}) on validation "
+                         f"{val_digest[:12]}",
+                         champion.version, old_acc, best.version, best.val_acc)
+    return Promotion(champion.version, False,
+                     f"champion version {champion.version} ({old_acc:.4f}) stays: the best new "
                      f"version {best.version} ({best.variant}, {best.val_acc:.4f}) does not "
-                     f"beat it on validation {data.val.digest[:12]}",
-                     str(old.version), old_acc, best.version, best.val_acc)
+                     f"beat it on validation {val_digest[:12]}",
+                     champion.version, old_acc, best.version, best.val_acc)
 
 
 def comparison_rows(results: list[VariantResult]) -> list[dict[str, str]]:

@@ -3,30 +3,43 @@ and move the `champion`, `deep` and `light` aliases.
 
 A version's weights are a plain state_dict file (`weights.pt`) whose sha256 is recorded
 in the version's tags and in the pyfunc model config when it is registered; every load
-checks it and uses `torch.load(weights_only=True)`.
+checks it and uses `torch.load(weights_only=True)`. The logged model carries its own
+inference code (tasks/inference_code.py), so it loads and serves without this project,
+and its version's description is its model card (tasks/model_card.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 import requests
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 from model.checkpoint import load_weights, save_weights
-from model.nets import build_model
+from model.nets import build_model, count_parameters
+from model.provenance import code_commit
+from tasks import model_card
+from tasks.inference_code import write_package
 from tasks.settings import REGISTERED_MODEL
+
+if TYPE_CHECKING:
+    from model.data import Dataset
 
 CHAMPION = "champion"
 WEIGHTS_ARTIFACT = "weights"
+CODE_ARTIFACT = "inference_code"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -59,15 +72,21 @@ def register(
     tags: dict[str, str],
     tta: bool,
     name: str = REGISTERED_MODEL,
+    metrics: Mapping[str, float] | None = None,
+    config: Mapping[str, Any] | None = None,
+    data: Dataset | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log `network` to the active MLflow run as a pyfunc model and register a new version.
 
     `tags` (recipe, data digest, validation accuracy...) are set on the version along with
-    `variant` and `weights_sha256`. Raises RegistrationError when the tracking server cannot
-    be reached.
+    `variant`, `weights_sha256` and the Prefect flow run, if any. The version's description
+    is its model card, from `metrics` (the final metrics, also attached to the logged
+    model), `config` (the training config as a dict) and `data`. Raises RegistrationError
+    when the tracking server cannot be reached.
     """
     try:
-        return _register(network, variant=variant, tags=tags, tta=tta, name=name)
+        return _register(network, variant=variant, tags=tags, tta=tta, name=name,
+                         metrics=dict(metrics or {}), config=dict(config or {}), data=data)
     except (MlflowException, OSError, requests.RequestException) as exc:
         raise RegistrationError(
             f"could not register a {variant} version of {name!r} at "
@@ -77,30 +96,89 @@ def register(
 
 
 def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], tta: bool,
-              name: str) -> mlflow.entities.model_registry.ModelVersion:
+              name: str, metrics: dict[str, float], config: dict[str, Any],
+              data: Dataset | None) -> mlflow.entities.model_registry.ModelVersion:
+    client = mlflow.MlflowClient()
+    run = mlflow.active_run()
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         sha = save_weights(network, weights)
-        example = np.zeros((2, 32, 32, 3), dtype=np.uint8)
-        signature = infer_signature(example, np.zeros((2, 10), dtype=np.float32))
+        weights_bytes = weights.stat().st_size
+        code = write_package(Path(tmp) / "code")
+        example = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+        # Outputs only: with an input schema, MLflow casts JSON input to uint8 before the
+        # model sees it (1.5 becomes 1, silently); the model checks its input itself and
+        # names what is wrong. The input example shows the format.
+        signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_CODE),
-                artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                artifacts={WEIGHTS_ARTIFACT: str(weights), CODE_ARTIFACT: str(code)},
                 model_config={"variant": variant, "weights_sha256": sha, "tta": tta},
                 signature=signature,
                 input_example=example,
                 # Explicit requirements: inferring them would import and run the model.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "mlflow"],
+                # The copied inference code needs nothing else (tasks/inference_code.py).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy",
+                                  f"mlflow=={mlflow.__version__}"],
+                params={k: str(v) for k, v in config.items()} or None,
             )
-    # The version is created with its tags in one call: no version is ever visible without
-    # the variant and checksum that loading it depends on.
-    all_tags = {**{k: str(v) for k, v in tags.items()}, "variant": variant, "weights_sha256": sha}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.register_model(info.model_uri, name, tags=all_tags)
+    step = max(int(metrics.get("epochs", 1)) - 1, 0)
+    final = {f"final/{k}": float(v) for k, v in metrics.items()}
+    if final and run is not None:
+        # The model page shows these; the run already has the same values at the same step.
+        mlflow.log_metrics(final, step=step, model_id=info.model_id)
+    flow_run_id, flow_run_url = model_card.prefect_flow_run()
+    flow_tags = {model_card.FLOW_RUN_TAG: flow_run_id, model_card.FLOW_RUN_URL_TAG: flow_run_url}
+    flow_tags = {k: v for k, v in flow_tags.items() if v}
+    run_id = run.info.run_id if run is not None else None
+    if run_id and flow_tags:
+        mlflow.set_tags(flow_tags)
+    facts = model_card.CardFacts(
+        name=name, variant=variant, tta=tta, params=count_parameters(network),
+        weights_bytes=weights_bytes, weights_sha256=sha, device=model_card.device_name(network),
+        git_commit=code_commit(), model_id=info.model_id, run_id=run_id,
+        run_url=model_card.mlflow_run_url(mlflow.get_tracking_uri(), run.info.experiment_id,
+                                          run_id) if run is not None else None,
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url, config=config, metrics=metrics,
+        data=_data_facts(data))
+    _ensure_registered_model(client, name)
+    # The version is created with its tags and card in one call: no version is ever visible
+    # without the variant and checksum that loading it depends on.
+    all_tags = {**{k: str(v) for k, v in tags.items()}, **flow_tags, "variant": variant,
+                "weights_sha256": sha}
+    mv = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, tags=all_tags,
+        description=model_card.version_description(facts), model_id=info.model_id)
+    # What mlflow.register_model records too: the logged model's page links to the version.
+    client.set_logged_model_tags(info.model_id, {"mlflow.model_versions": json.dumps(
+        [{"name": mv.name, "version": mv.version}])})
+    return mv
+
+
+def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
+    try:
+        current = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description=model_card.MODEL_DESCRIPTION)
+        except MlflowException as race:
+            if race.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        return
+    if not current.description:
+        client.update_registered_model(name, description=model_card.MODEL_DESCRIPTION)
+
+
+def _data_facts(data: Dataset | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    return {"source": data.source, "digest": data.digest, "val_digest": data.val.digest,
+            "train_images": len(data.train), "val_images": len(data.val)}
 
 
 def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:

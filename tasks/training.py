@@ -1,8 +1,8 @@
-"""The train_variant task: `model.train.fit` inside an MLflow run, with checkpoints in
+"""The fit-and-register task: `model.train.fit` inside an MLflow run, with checkpoints in
 object storage and the result registered in the model registry.
 
 Everything one job writes to object storage lives under `runs/<run_key>/<job>/`:
-`checkpoint.pt` (the latest epoch), `mlflow_run.json` (the MLflow run to continue) and
+`checkpoint.pt` (the latest checkpoint), `mlflow_run.json` (the MLflow run to continue) and
 `registered.json` (the version, once registered). A rerun with the same run key resumes
 the checkpoint, continues the same MLflow run, and never registers a second version.
 """
@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +23,15 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.checkpoint import CHECKPOINT_NAME
+from model.config import DataConfig, TrainConfig
 from model.data import Dataset
 from model.nets import summary
-from model.train import FitResult, TrainConfig, fit
-from tasks import plots, registry
+from model.provenance import code_commit
+from model.train import FitResult, fit
+from tasks import gpu, plots, registry
 from tasks.data import log_dataset
 from tasks.metrics import MetricSink
 from tasks.settings import Settings
@@ -37,20 +39,25 @@ from tasks.storage import MissingObjectError, open_store
 from tasks.tracking import tracked_run
 
 
-@dataclass(frozen=True)
-class Job:
-    """One training job: a model config plus where its state lives."""
+class VariantJob(BaseModel):
+    """One training job, as the child flow's parameters: its model config, its data, and
+    where its state lives."""
 
-    config: TrainConfig
-    run_key: str  # jobs sharing a key share checkpoints: a retry or rerun resumes
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    training: TrainConfig
+    data: DataConfig = DataConfig()
+    run_key: str = Field(min_length=1, description="jobs with the same key share checkpoints: "
+                         "a retry or rerun resumes")
+    parent_run_id: str | None = Field(None, description="MLflow run to nest under")
 
     @property
     def name(self) -> str:
-        return f"{self.config.variant}-seed{self.config.seed}"
+        return f"{self.training.variant}-seed{self.training.seed}"
 
     @property
     def prefix(self) -> str:
-        return f"runs/{self.run_key}/{self.name}-{self.config.hash()}"
+        return f"runs/{self.run_key}/{self.name}-{self.training.hash()}"
 
 
 @dataclass
@@ -71,10 +78,8 @@ class VariantResult:
         return self.metrics["val/acc"]
 
 
-@task(name="train-variant", cache_policy=NONE, persist_result=False)
-def train_variant(
-    job: Job, data: Dataset, settings: Settings, parent_run_id: str | None = None
-) -> VariantResult:
+@task(name="fit-and-register", cache_policy=NONE, persist_result=False)
+def fit_and_register(job: VariantJob, data: Dataset, settings: Settings) -> VariantResult:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
@@ -97,34 +102,35 @@ def train_variant(
         with tracked_run(
             run_id=run_id,
             run_name=None if run_id else job.name,
-            nested=parent_run_id is not None and run_id is None,
-            parent_run_id=parent_run_id if run_id is None else None,
-            # CPU, memory and (with pynvml) GPU use; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
-            # turns it off.
-            log_system_metrics=os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
-            .lower() not in ("false", "0"),
+            nested=job.parent_run_id is not None and run_id is None,
+            parent_run_id=job.parent_run_id if run_id is None else None,
+            # CPU, memory and (with nvidia-ml-py) GPU use; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+            # =false turns it off.
+            log_system_metrics=settings.system_metrics,
         ) as run:
             if run_id is None:
                 store.put(f"{job.prefix}/mlflow_run.json",
                           json.dumps({"run_id": run.info.run_id}).encode())
-                _log_params(job, data)
+                _log_params(job, data, settings)
                 log_dataset(data)
             sink = MetricSink(mlflow.MlflowClient(), run.info.run_id, on_error=lambda exc:
                               logger.warning("MLflow did not take metrics, retrying: %s", exc))
-            progress = _EpochLogger(sink, job, logger,
-                                    lambda: store.put_file(key, ckpt_dir / CHECKPOINT_NAME))
+            progress = _EpochLogger(sink, job, logger, gpu.Monitor(job.training.device))
             try:
-                result = fit(job.config, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir)
+                # Checkpoints are written and uploaded on fit's background thread.
+                result = fit(job.training, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir,
+                             on_checkpoint=lambda path: store.put_file(key, path))
             except BaseException:
                 sink.close(timeout=10)  # deliver what it can; the failure is the news
                 raise
             _log_final(sink, result)
             # Every metric is in MLflow before anything is registered, or the run fails.
-            sink.close(timeout=float(os.environ.get("CIFAR_METRICS_FLUSH_SECONDS", "300")))
+            sink.close(timeout=settings.metrics_flush_seconds)
             _log_artifacts(job, data, result)
             version = register_version(job, data, result)
             outcome = VariantResult(
-                variant=job.config.variant, seed=job.config.seed, recipe=job.config.recipe,
+                variant=job.training.variant, seed=job.training.seed,
+                recipe=job.training.recipe,
                 run_id=run.info.run_id, version=str(version.version), metrics=result.metrics,
                 history=result.history, params=int(result.metrics["params"]),
                 param_mb=summary(result.model).param_mb,
@@ -134,51 +140,50 @@ def train_variant(
     return outcome
 
 
-def register_version(job: Job, data: Dataset, result: FitResult):
+def register_version(job: VariantJob, data: Dataset, result: FitResult):
     tags = {
-        "recipe": job.config.recipe,
-        "seed": job.config.seed,
+        "recipe": job.training.recipe,
+        "seed": job.training.seed,
         "data_digest": data.digest,
         "val_digest": data.val.digest,
         # Full precision: promotion compares this tag with the next candidate's accuracy,
         # and a rounded tag would let an equal newcomer "beat" the champion.
         "val_acc": repr(float(result.metrics["val/acc"])),
-        "config_hash": job.config.hash(),
+        "config_hash": job.training.hash(),
     }
-    return registry.register(result.model, variant=job.config.variant, tags=tags,
-                             tta=bool(job.config.tta))
+    return registry.register(result.model, variant=job.training.variant, tags=tags,
+                             tta=bool(job.training.tta))
 
 
 class _EpochLogger:
-    """on_epoch_end: the checkpoint goes to object storage first, then metrics to MLflow."""
+    """on_epoch_end: the epoch's metrics, and its GPU's use, to MLflow."""
 
-    def __init__(self, sink: MetricSink, job: Job, logger, upload_checkpoint):
-        self.sink, self.job, self.logger = sink, job, logger
-        self.upload_checkpoint = upload_checkpoint
+    def __init__(self, sink: MetricSink, job: VariantJob, logger, monitor: gpu.Monitor):
+        self.sink, self.job, self.logger, self.monitor = sink, job, logger, monitor
 
     def __call__(self, metrics: dict[str, float]) -> None:
-        self.upload_checkpoint()
         epoch = int(metrics["epoch"])
-        self.sink.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        values = {k: v for k, v in metrics.items() if k != "epoch"}
+        self.sink.log({**values, **self.monitor.sample()}, step=epoch)
         self.logger.info(
             "%s epoch %d/%d: train loss %.3f acc %.2f%%, val loss %.3f acc %.2f%%, %.1f s",
-            self.job.name, epoch + 1, self.job.config.epochs, metrics["train/loss"],
+            self.job.name, epoch + 1, self.job.training.epochs, metrics["train/loss"],
             100 * metrics["train/acc"], metrics["val/loss"], 100 * metrics["val/acc"],
             metrics["epoch_seconds"],
         )
 
 
-def _log_params(job: Job, data: Dataset) -> None:
+def _log_params(job: VariantJob, data: Dataset, settings: Settings) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
-        if job.config.device == "auto" else torch.device(job.config.device)
-    params: dict[str, Any] = {**job.config.model_dump(), "config_hash": job.config.hash()}
+        if job.training.device == "auto" else torch.device(job.training.device)
+    params: dict[str, Any] = {**job.training.to_dict(), "config_hash": job.training.hash()}
     params.update(
         data_source=data.source,
         data_digest=data.digest,
         val_digest=data.val.digest,
         train_images=len(data.train),
         val_images=len(data.val),
-        git_commit=git_commit(),
+        git_commit=code_commit(),
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda or "none",
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -187,9 +192,9 @@ def _log_params(job: Job, data: Dataset) -> None:
     )
     mlflow.log_params(params)
     # Which machine and worker ran the job: a process worker is the parent of its runs.
-    mlflow.set_tags({"variant": job.config.variant, "recipe": job.config.recipe,
+    mlflow.set_tags({"variant": job.training.variant, "recipe": job.training.recipe,
                      "host": socket.gethostname(), "pid": os.getpid(), "ppid": os.getppid(),
-                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+                     "cuda_visible_devices": settings.cuda_visible_devices})
 
 
 def _log_final(sink: MetricSink, result: FitResult) -> None:
@@ -199,8 +204,8 @@ def _log_final(sink: MetricSink, result: FitResult) -> None:
         sink.log({"test/acc": result.metrics["test/acc"]}, step=step)
 
 
-def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
-    title = f"{job.config.variant} ({job.config.recipe}, seed {job.config.seed})"
+def _log_artifacts(job: VariantJob, data: Dataset, result: FitResult) -> None:
+    title = f"{job.training.variant} ({job.training.recipe}, seed {job.training.seed})"
     # fit() already predicted the validation split, with TTA where configured.
     matrix = plots.confusion_matrix(data.val.labels, result.val_predicted)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,12 +214,12 @@ def _log_artifacts(job: Job, data: Dataset, result: FitResult) -> None:
         (out / "confusion_matrix.png").write_bytes(
             plots.confusion_png(matrix, data.classes, f"validation confusion, {title}"))
         (out / "model_summary.txt").write_text(summary(result.model).table() + "\n")
-        (out / "config.json").write_text(json.dumps(job.config.model_dump(), indent=2))
+        (out / "config.json").write_text(json.dumps(job.training.to_dict(), indent=2))
         np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",")
         mlflow.log_artifacts(tmp)
 
 
-def read_result(store, job: Job) -> VariantResult | None:
+def read_result(store, job: VariantJob) -> VariantResult | None:
     """The result a finished job left in object storage, if it finished."""
     done = _read_json(store, f"{job.prefix}/registered.json")
     return VariantResult(**done) if done is not None else None
@@ -225,13 +230,3 @@ def _read_json(store, key: str) -> dict | None:
         return json.loads(store.get(key))
     except MissingObjectError:
         return None
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -1,23 +1,33 @@
 from __future__ import annotations
 
 import os
-import shlex
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # infra/ ships with the checkout, not the installed package
+    sys.path.insert(0, str(REPO))
+
+from infra.procs import read_env_file  # noqa: E402
+
+# The shared data every test module reads, through the fixtures below.
 SHARED = REPO.parent / "shared" / "datasets"
-STACK_PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
-STACK_SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
+SHARED_PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"  # CIFAR-10 training set, JPEG
+COMPETITION_SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
 # Settings of another stack or of the embedded defaults, which must not reach this one.
 STACK_CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
                  "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
                  "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "CIFAR_STATE_DIR",
-                 "CIFAR_OBJECT_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+                 "CIFAR_OBJECT_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "CIFAR_ALERT_WEBHOOK_URL"]
 # Modules that use the local stack run last, in this order, on one stack: the end-to-end
 # tests expect a fresh registry, the stack fault tests only look at their own runs.
 STACK_MODULES = ["test_cluster_e2e.py", "test_stack_faults.py"]
@@ -33,15 +43,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: the order within each group is kept
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines that `infra/stack.py up` writes."""
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = line.removeprefix("export ").partition("=")
-            env[name] = shlex.split(value)[0] if value else ""
-    return env
-
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
@@ -52,10 +53,10 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
     state = tmp_path_factory.mktemp("stack-state")
     env = {k: v for k, v in os.environ.items() if k not in STACK_CLEARED}
-    ids, images = read_competition_pickle(STACK_SAMPLE)
+    ids, images = read_competition_pickle(COMPETITION_SAMPLE)
     competition = state / "competition-200.pkl"
     write_competition_pickle(competition, ids[:200], images[:200])
-    env.update(CIFAR_COMPETITION_FILE=str(competition), CIFAR10_SOURCE=str(STACK_PARQUET))
+    env.update(CIFAR_COMPETITION_FILE=str(competition), CIFAR10_SOURCE=str(SHARED_PARQUET))
     cmd = [sys.executable, str(REPO / "infra" / "stack.py")]
     up = subprocess.run([*cmd, "up", "--state-dir", str(state), "--cpu-slots", "--workers", "2"],
                         env=env, capture_output=True, text=True, timeout=600)
@@ -107,3 +108,165 @@ def prefect_harness() -> Iterator[None]:
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         with prefect_test_harness(server_startup_timeout=120):
             yield
+
+
+# ------------------------------------------------------------------- shared data
+
+@pytest.fixture(scope="session")
+def shared_parquet() -> Path:
+    """The shared JPEG Parquet copy of the 50,000 CIFAR-10 training images."""
+    if not SHARED_PARQUET.is_file():
+        pytest.fail(f"the shared dataset is missing: {SHARED_PARQUET}")
+    return SHARED_PARQUET
+
+
+@pytest.fixture(scope="session")
+def competition_sample() -> Path:
+    """The shared 1,000-image sample of the competition's unlabeled test file."""
+    if not COMPETITION_SAMPLE.is_file():
+        pytest.fail(f"the shared competition sample is missing: {COMPETITION_SAMPLE}")
+    return COMPETITION_SAMPLE
+
+
+# ------------------------------------------------------- servers and moto's S3
+
+# Credentials moto accepts, and no AWS configuration of the machine's own.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    # pyarrow's S3 client would otherwise ask the EC2 metadata service for a region.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+AWS_CLEARED_ENV = ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
+                   "AWS_ENDPOINT_URL_S3"]
+# Everything tasks.settings.Settings reads, plus what mlflow.set_tracking_uri and
+# mlflow.set_experiment write back into os.environ.
+PIPELINE_ENV = ["CIFAR_STATE_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "CIFAR_ARTIFACT_ROOT",
+                "CIFAR_OBJECT_STORE", "CIFAR10_SOURCE", "CIFAR10_CACHE_DIR",
+                "CIFAR_COMPETITION_FILE"]
+
+
+def free_port() -> int:
+    """A port nothing listens on (right now): for servers, and for 'endpoint down' tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(name="free_port", scope="session")
+def free_port_fixture() -> Callable[[], int]:
+    """The `free_port` function, for test modules (they cannot import conftest)."""
+    return free_port
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader, or its zombie would keep the group "alive"
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the one spawn created with
+    start_new_session=True, so only what it started), SIGKILL what is left after 10 s."""
+    if not _group_alive(proc):
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _group_alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+Spawn = Callable[..., str]
+
+
+@pytest.fixture(scope="module")
+def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawn]:
+    """spawn(name, cmd, ready_url, env=None, cwd=None, timeout=30) -> ready_url, once a GET
+    of it answers 2xx. Each server runs in its own process group on 127.0.0.1 and is
+    stopped with its children (mlflow server forks uvicorn workers) when the module ends."""
+    procs: list[subprocess.Popen] = []
+
+    def start(
+        name: str,
+        cmd: Sequence[str],
+        ready_url: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 30,
+    ) -> str:
+        log_path = tmp_path_factory.mktemp(name) / "server.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(env) if env is not None else None, cwd=cwd,
+                                    start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}: {log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2):
+                    return ready_url
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{name} did not answer {ready_url} in {timeout:.0f} s: "
+                                f"{log_path.read_text()[-4000:]}")
+                time.sleep(0.2)
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(spawn: Spawn) -> Iterator[str]:
+    """URL of a moto S3 server (real HTTP, a subprocess) for one test module, with fake
+    credentials and no endpoint override in the environment for that module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in AWS_CLEARED_ENV:
+            mp.delenv(name, raising=False)
+        for name, value in FAKE_AWS_ENV.items():
+            mp.setenv(name, value)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+              f"{url}/moto-api/", timeout=30)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pytest.MonkeyPatch]:
+    """A fresh CIFAR_STATE_DIR and no inherited pipeline or MLflow settings, for the whole
+    module. MLflow's process-global tracking URI and experiment are restored at the end,
+    so later tests do not write into this module's store."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_uri = tracking_utils._tracking_uri
+    saved_experiment = fluent._active_experiment_id
+    with pytest.MonkeyPatch.context() as mp:
+        for name in PIPELINE_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("CIFAR_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+        mp.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+        try:
+            yield mp
+        finally:
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+            tracking_utils._tracking_uri = saved_uri
+            fluent._active_experiment_id = saved_experiment
+        # Leaving the context now restores MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID.

@@ -85,6 +85,12 @@ def _malformed(tmp: Path) -> dict[str, bytes]:
         "ids of another length": pickle.dumps({**_valid(), b"ids": np.arange(5)}),
         "duplicate ids": pickle.dumps({**_valid(), b"ids": np.array([1, 2, 2, 3])}),
         "non-integer ids": pickle.dumps({**_valid(), b"ids": np.array([0.5, 1, 2, 3])}),
+        # 300,000 empty sets from 300 KB: refused at the opcode budget, not built.
+        "opcode flood": b"\x80\x04](" + b"\x8f" * 300_000 + b"e.",
+        # _codecs.encode called 50 times on one 100 KB text: refused at the copy budget.
+        "one text encoded many times": b"\x80\x02c_codecs\nencode\nq\x00X\xa0\x86\x01\x00"
+        + b"a" * 100_000 + b"q\x01X\x06\x00\x00\x00latin1q\x02]("
+        + b"h\x00h\x01h\x02\x86R" * 50 + b"e.",
     }
 
 
@@ -124,7 +130,9 @@ def test_malformed_competition_files_get_specific_errors(state, tmp_path, capsys
         assert code == 1, (name, messages[name])
     expected = {"float64 data": "dtype float64, expected uint8", "int16 data": "int16",
                 "duplicate ids": "repeats 1 id(s): 2", "missing b'ids'": "ids",
-                "shape (N, 3, 32, 32)": "channels", "empty": "empty"}
+                "shape (N, 3, 32, 32)": "channels", "empty": "empty",
+                "opcode flood": "pickle opcodes, the limit for a 300006-byte file",
+                "one text encoded many times": "bytes of array data, the limit for a"}
     for name, fragment in expected.items():
         assert fragment in messages[name], (name, messages[name])
     assert len(set(messages.values())) >= 10  # specific, not one generic message
@@ -136,7 +144,10 @@ def test_an_oversize_file_is_refused_before_it_is_read(state, tmp_path, capsys):
     with open(path, "wb") as f:
         f.truncate(300 * 2**20)  # sparse: 300 MiB on paper, nothing on disk
     code, message = _score(state, path, capsys)
-    assert (code == 1 and "MiB" in message) or "bytes" in message, message
+    assert code == 1, message
+    assert message.startswith("error: ") and "huge.pkl" in message, message
+    # The size and the cap, both in bytes, so that the user can compare the two.
+    assert f"is {300 * 2**20} bytes, more than the limit of {256 * 2**20}" in message, message
     assert _written(state) == []
 
 
@@ -169,7 +180,8 @@ def test_bad_configs_are_rejected_before_any_work(state, args, fragment, capsys)
     except SystemExit as exc:  # argparse refuses unknown choices itself
         code = exc.code
     captured = capsys.readouterr()
-    assert code in (1, 2) and fragment in captured.err, captured.err
+    # The form names the field (batch_size), argparse the option (--batch-size).
+    assert code in (1, 2) and fragment in captured.err.replace("-", "_"), captured.err
     assert not (state / "mlflow.db").exists() or _no_runs(state)
 
 
@@ -200,6 +212,16 @@ def _png(size=32) -> bytes:
     return buf.getvalue()
 
 
+def _null_rows(path: Path, rows: int) -> Path:
+    """A few KB that declare `rows` rows, none with an image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = pa.nulls(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"img": img, "label": pa.array(np.zeros(rows, np.int64))}), path)
+    return path
+
+
 def test_bad_data_sources_fail_training_before_anything_is_registered(state, tmp_path,
                                                                       capsys, monkeypatch):
     # The unreachable URI: an S3 endpoint where nothing listens.
@@ -217,6 +239,8 @@ def test_bad_data_sources_fail_training_before_anything_is_registered(state, tmp
         "wrong image size": (_parquet(tmp_path / "s.parquet", [_png(28)] * 20, [0] * 20),
                              "28x28"),
         "missing file": (tmp_path / "nope.parquet", "no such file"),
+        "rows without images": (_null_rows(tmp_path / "n.parquet", 100_000),
+                                "declares 100000 rows, more than the limit of 16384"),
         "unreachable URI": ("s3://bucket/train.parquet", "s3://bucket/train.parquet"),
     }
     for name, (source, fragment) in cases.items():

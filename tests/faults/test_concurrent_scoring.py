@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-import flows.score
+import tasks.scoring
 from flows.score import ScoreConfig, score
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -66,13 +66,13 @@ def test_two_runs_at_once_make_one_set_of_outputs_identical_to_a_single_run(
     # Both runs meet before predicting, so both have looked for a manifest, found none,
     # and go on to write every object.
     meet = threading.Barrier(2, timeout=WAIT_S)
-    real_predict = flows.score.predict
+    real_predict = tasks.scoring.predict
 
     def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         meet.wait()
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(flows.score, "predict", predict)
+    monkeypatch.setattr(tasks.scoring, "predict", predict)
     root = f"race-{uuid.uuid4().hex[:8]}"
 
     states = score_in_threads(scoring, root, ("run-a", "run-b"))
@@ -83,7 +83,7 @@ def test_two_runs_at_once_make_one_set_of_outputs_identical_to_a_single_run(
     results = [state.result() for state in states.values()]
     # Both report the one manifest that is stored, the winner's.
     for result in results:
-        assert {k: result[k] for k in manifest} == manifest
+        assert scoring.manifest_of(result) == manifest
         assert result["manifest_uri"] == f"s3://{scoring.bucket}/{prefix}/manifest.json"
     assert sorted(result["reused"] for result in results) == [False, True]
     # Each run sent every object with If-None-Match: one got 200, the other 412.
@@ -99,7 +99,7 @@ def test_a_late_run_whose_bytes_differ_leaves_the_first_runs_outputs_intact(
     must still be run a's result, described by its manifest."""
     b_checked = threading.Event()
     a_finished = threading.Event()
-    real_predict = flows.score.predict
+    real_predict = tasks.scoring.predict
 
     def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         if threading.current_thread().name == "run-a":
@@ -110,7 +110,7 @@ def test_a_late_run_whose_bytes_differ_leaves_the_first_runs_outputs_intact(
         labels, probs = real_predict(*args, **kwargs)
         return labels, np.nextafter(probs, np.float32(1))  # (N, 10), one ulp up
 
-    monkeypatch.setattr(flows.score, "predict", predict)
+    monkeypatch.setattr(tasks.scoring, "predict", predict)
     root = f"late-{uuid.uuid4().hex[:8]}"
 
     states = score_in_threads(scoring, root, ("run-a", "run-b"), {"run-a": a_finished})
@@ -123,5 +123,5 @@ def test_a_late_run_whose_bytes_differ_leaves_the_first_runs_outputs_intact(
         assert proxy.statuses("PUT", f"{prefix}/{name}") == [200, 412], name
     assert states["run-a"].result()["reused"] is False
     assert states["run-b"].result()["reused"] is True
-    assert states["run-b"].result()["files"] == manifest["files"]
+    assert scoring.manifest_of(states["run-b"].result()) == manifest
     assert states["run-a"].result()["created_at"] == manifest["created_at"]

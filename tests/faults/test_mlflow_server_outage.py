@@ -26,7 +26,7 @@ import mlflow
 import pytest
 
 import tasks.training
-from flows.train import TrainConfig, train
+from flows.train import TrainResnetsConfig, train
 from tasks.settings import EXPERIMENT, REGISTERED_MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -146,7 +146,7 @@ def test_a_server_that_stays_down_fails_the_run_and_registers_nothing(server, mo
     monkeypatch.setenv("CIFAR_METRICS_FLUSH_SECONDS", "3")
     on_epoch(monkeypatch, lambda epoch: server.stop() if epoch == 0 else None)
     started = time.monotonic()
-    state = train(TrainConfig(epochs=2, **SMALL), return_state=True)
+    state = train(TrainResnetsConfig(epochs=2, **SMALL), return_state=True)
 
     assert state.is_failed()
     assert time.monotonic() - started < 120
@@ -173,7 +173,7 @@ def test_registration_during_an_outage_backs_off_then_fails_loudly(server, monke
 
     monkeypatch.setattr(tasks.registry, "register", register_while_down)
     started = time.monotonic()
-    state = train(TrainConfig(epochs=1, **SMALL), return_state=True)
+    state = train(TrainResnetsConfig(epochs=1, **SMALL), return_state=True)
 
     assert state.is_failed() and attempts
     # MLflow's HTTP client retried with backoff ("Max retries exceeded"), then the job
@@ -201,7 +201,7 @@ def test_metrics_from_an_outage_arrive_in_order_and_one_version_is_registered(
                              daemon=True).start()
 
     handover = on_epoch(monkeypatch, fault)
-    summary = train(TrainConfig(epochs=4, **SMALL))
+    summary = train(TrainResnetsConfig(epochs=4, **SMALL))
 
     assert restarted.is_set()
     # Handing metrics over never blocked on the dead server.

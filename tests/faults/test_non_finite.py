@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from flows.train import TrainConfig, train
+from flows.train import TrainResnetsConfig, train
 from model.nets import build_model
 from tasks import registry
 from tasks.settings import REGISTERED_MODEL, Settings
@@ -38,7 +38,7 @@ def test_a_nan_loss_fails_the_flow_registers_nothing_and_keeps_the_champion(
     registry.set_alias(registry.CHAMPION, champion.version)
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", DivergingLoss)
-    config = TrainConfig(variants=["light"], epochs=1, batch_size=32, train_size=64,
+    config = TrainResnetsConfig(variants=["light"], epochs=1, batch_size=32, train_size=64,
                          val_size=32, data_source=str(PARQUET))
     state_after = train(config, return_state=True)
 
@@ -65,7 +65,7 @@ def test_one_failed_job_is_reported_and_the_others_are_still_registered(state, m
         return real_fit(config, data, **kwargs)
 
     monkeypatch.setattr(tasks.training, "fit", fit_failing_for_deep)
-    config = TrainConfig(variants=["deep", "light"], epochs=1, batch_size=32, train_size=64,
+    config = TrainResnetsConfig(variants=["deep", "light"], epochs=1, batch_size=32, train_size=64,
                          val_size=32, data_source=str(PARQUET))
     state_after = train(config, return_state=True)
 

@@ -19,6 +19,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 import flows.score
+import tasks.scoring
 from flows.score import ScoreConfig, score
 from tasks.storage import S3Store, StorageError
 
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.usefixtures("prefect_harness")]
 
 MAX_ATTEMPTS = S3Store("b").max_attempts  # botocore's attempts per request
-FLOW_ATTEMPTS = flows.score.write_outputs.retries + 1  # tries of the write-predictions task
+FLOW_ATTEMPTS = tasks.scoring.write_predictions.retries + 1  # tries of write-predictions
 BOUND_S = 60  # a flow facing a dead endpoint must give up within this
 
 
@@ -66,7 +67,7 @@ def test_first_requests_failing_are_retried_and_the_result_is_unchanged(
     assert [(s.method, s.status) for s in proxy.seen[:4]] == [("HEAD", status)] * 3 + [
         ("HEAD", 404)]
     manifest = reference.assert_matched_by(scoring, scoring.bucket, scoring.prefix(root))
-    assert state.result()["files"] == manifest["files"]
+    assert scoring.manifest_of(state.result()) == manifest
 
 
 def test_uploads_cut_halfway_are_retried_and_leave_complete_objects(
@@ -141,8 +142,8 @@ def test_uploads_cut_every_time_fail_the_flow_and_leave_no_truncated_object(
 ) -> None:
     # The time bound is the test above's; here only what is left behind matters, so the
     # task retries come without their 2 s and 10 s pauses.
-    monkeypatch.setattr(flows.score, "write_outputs",
-                        flows.score.write_outputs.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(flows.score, "write_predictions",
+                        tasks.scoring.write_predictions.with_options(retry_delay_seconds=0))
     root = fresh_root()
     proxy.drop_puts()
 

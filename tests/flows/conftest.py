@@ -19,10 +19,6 @@ import pytest
 
 from model.data import Dataset, load_dataset
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
-PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
-SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
-
 # The smallest training that still exercises every step (test_train_flow.py trains on
 # these sizes, one epoch): a few hundred images.
 TRAIN_SIZE = 256
@@ -48,25 +44,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def parquet() -> Path:
-    """The shared JPEG copy of the 50,000 CIFAR-10 training images."""
-    if not PARQUET.exists():
-        pytest.fail(f"the shared dataset is missing: {PARQUET}")
-    return PARQUET
-
-
-@pytest.fixture(scope="session")
-def competition_sample() -> Path:
-    """The shared 1,000-image sample of the competition's unlabeled test file."""
-    if not SAMPLE.exists():
-        pytest.fail(f"the shared competition sample is missing: {SAMPLE}")
-    return SAMPLE
+def parquet(shared_parquet: Path) -> Path:
+    """The training data of the flow tests: the shared Parquet (tests/conftest.py)."""
+    return shared_parquet
 
 
 @pytest.fixture(scope="session")
 def small_data(parquet: Path, cache_dir: Path) -> Dataset:
     """The split a flow sees with train_size=TRAIN_SIZE, val_size=VAL_SIZE, split seed 0."""
-    return load_dataset(str(PARQUET), val_size=VAL_SIZE, train_size=TRAIN_SIZE, seed=0,
+    return load_dataset(str(parquet), val_size=VAL_SIZE, train_size=TRAIN_SIZE, seed=0,
                         cache_dir=cache_dir)
 
 

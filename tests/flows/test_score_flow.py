@@ -1,5 +1,6 @@
 """The score flow against the embedded local object store, with a registered (untrained)
-light network as champion: the files it writes, its idempotence, and its refusals."""
+light network as champion: the files it writes, its idempotence, where its outputs go, and
+its refusals."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from model.nets import build_model
 from tasks import registry
 from tasks.registry import RegistryError
 from tasks.settings import REGISTERED_MODEL, Settings
-from tasks.storage import ObjectStore, open_store
+from tasks.storage import LocalStore, open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -33,6 +34,12 @@ DATA_FILES = ("predictions.csv", "predictions.parquet")
 
 def store_uri(scored: dict[str, Any], name: str) -> str:
     return f"{scored['store']}/{scored['prefix']}/{name}"
+
+
+def stored_keys(store: LocalStore, prefix: str = "") -> list[str]:
+    """Every key in the local store that starts with `prefix`, sorted."""
+    keys = (p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file())
+    return sorted(k for k in keys if k.startswith(prefix))
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +67,10 @@ def scored(prefect_harness: None, version: str, competition_sample: Path) -> dic
 
 
 @pytest.fixture
-def store(isolated_state: Path) -> ObjectStore:
-    return open_store(Settings.from_env().object_store)
+def store(isolated_state: Path) -> LocalStore:
+    store = open_store(Settings.from_env().object_store)
+    assert isinstance(store, LocalStore)
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +79,7 @@ def sample(competition_sample: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_csv_has_one_row_per_input_id_in_order(
-    scored: dict[str, Any], store: ObjectStore, sample: tuple[np.ndarray, np.ndarray]
+    scored: dict[str, Any], store: LocalStore, sample: tuple[np.ndarray, np.ndarray]
 ) -> None:
     ids, _ = sample
     lines = store.get(f"{scored['prefix']}/predictions.csv").decode().splitlines()
@@ -84,7 +93,7 @@ def test_csv_has_one_row_per_input_id_in_order(
 
 
 def test_parquet_schema_and_consistency_with_the_csv(
-    scored: dict[str, Any], store: ObjectStore, sample: tuple[np.ndarray, np.ndarray]
+    scored: dict[str, Any], store: LocalStore, sample: tuple[np.ndarray, np.ndarray]
 ) -> None:
     table = pq.read_table(io.BytesIO(store.get(f"{scored['prefix']}/predictions.parquet")))
     expected = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("class_name", pa.string()),
@@ -103,14 +112,17 @@ def test_parquet_schema_and_consistency_with_the_csv(
 
 
 def test_manifest_names_the_model_input_and_checksums(
-    scored: dict[str, Any], store: ObjectStore, version: str, competition_sample: Path,
+    scored: dict[str, Any], store: LocalStore, version: str, competition_sample: Path,
     sample: tuple[np.ndarray, np.ndarray], tracking: mlflow.MlflowClient,
 ) -> None:
     ids, images = sample
     input_digest = hashlib.sha256(ids.tobytes() + images.tobytes()).hexdigest()
-    # The key holds the model version, the input digest and TTA, so a rerun finds it.
+    mv = tracking.get_model_version(REGISTERED_MODEL, version)
+    # The key holds the input, the weights, the run that made them and TTA, so a rerun
+    # finds it and another model (one that reuses the version number) does not.
     assert scored["prefix"] == (
-        f"predictions/{REGISTERED_MODEL}-v{version}/{input_digest[:16]}-notta")
+        f"predictions/{REGISTERED_MODEL}-v{version}/{input_digest[:16]}-"
+        f"{mv.tags['weights_sha256'][:12]}-{mv.run_id[:8]}-no-tta")
     assert not scored["reused"]
     manifest = json.loads(store.get(f"{scored['prefix']}/manifest.json"))
     assert manifest["rows"] == 1000
@@ -118,21 +130,21 @@ def test_manifest_names_the_model_input_and_checksums(
     assert manifest["model_version"] == version
     assert manifest["input_digest"] == input_digest
     assert manifest["input_uri"] == str(competition_sample)
-    mv = tracking.get_model_version(REGISTERED_MODEL, version)
     assert manifest["model_run_id"] == mv.run_id
     assert manifest["weights_sha256"] == mv.tags["weights_sha256"]
     assert set(manifest["files"]) == set(DATA_FILES)
     for name, meta in manifest["files"].items():
         key = f"{scored['prefix']}/{name}"
-        assert meta["uri"] == store.uri(key)
-        assert meta["sha256"] == store.sha256(key)
+        assert meta["key"] == key  # relative to the store, so the store can move
+        assert scored["files"][name]["uri"] == store.uri(key)
+        assert meta["sha256"] == hashlib.sha256(store.get(key)).hexdigest()
         assert meta["bytes"] == len(store.get(key))
     # Written last: a reader that sees the manifest sees complete data.
     root = Path(store.root)
     manifest_time = os.stat(root / scored["prefix"] / "manifest.json").st_mtime_ns
     for name in DATA_FILES:
         assert os.stat(root / scored["prefix"] / name).st_mtime_ns <= manifest_time
-    assert store.list(scored["prefix"]) == sorted(
+    assert stored_keys(store, scored["prefix"]) == sorted(
         f"{scored['prefix']}/{n}" for n in (*DATA_FILES, "manifest.json"))
 
 
@@ -162,10 +174,10 @@ def test_publishes_a_prefect_link_to_the_predictions(scored: dict[str, Any]) -> 
 
 
 def test_rerun_reuses_the_result_and_rewrites_nothing(
-    scored: dict[str, Any], store: ObjectStore, version: str, competition_sample: Path
+    scored: dict[str, Any], store: LocalStore, version: str, competition_sample: Path
 ) -> None:
     root = Path(store.root)
-    keys = store.list()
+    keys = stored_keys(store)
     before = {key: os.stat(root / key).st_mtime_ns for key in keys}
     # By alias and by version number: the same model version, the same input.
     for uri in (f"models:/{REGISTERED_MODEL}@champion", f"models:/{REGISTERED_MODEL}/{version}"):
@@ -174,7 +186,7 @@ def test_rerun_reuses_the_result_and_rewrites_nothing(
         assert again["prefix"] == scored["prefix"]
         assert again["files"] == scored["files"]
         assert again["created_at"] == scored["created_at"]
-    assert store.list() == keys
+    assert stored_keys(store) == keys
     assert {key: os.stat(root / key).st_mtime_ns for key in keys} == before
 
 
@@ -189,7 +201,7 @@ class _RunsACommand:
 
 
 def test_malicious_pickle_is_refused_and_nothing_is_written(
-    version: str, store: ObjectStore, tmp_path: Path
+    version: str, store: LocalStore, tmp_path: Path
 ) -> None:
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(_RunsACommand(f"touch {control}")))
@@ -199,12 +211,12 @@ def test_malicious_pickle_is_refused_and_nothing_is_written(
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps(
         {b"data": _RunsACommand(f"touch {sentinel}"), b"ids": np.arange(3)}))
-    keys = store.list()
+    keys = stored_keys(store)
     with pytest.raises(InvalidInputError, match=r"refuses to load global (posix|os)\.system"):
         score(ScoreConfig(input_uri=str(evil), output="evil-output"))
     assert not sentinel.exists()
-    assert store.list("evil-output") == []
-    assert store.list() == keys
+    assert stored_keys(store, "evil-output") == []
+    assert stored_keys(store) == keys
 
 
 @pytest.mark.parametrize(
@@ -217,12 +229,12 @@ def test_malicious_pickle_is_refused_and_nothing_is_written(
     ],
 )
 def test_unknown_model_is_a_clear_error_and_nothing_is_written(
-    version: str, store: ObjectStore, competition_sample: Path, model_uri: str, named: str
+    version: str, store: LocalStore, competition_sample: Path, model_uri: str, named: str
 ) -> None:
-    keys = store.list()
+    keys = stored_keys(store)
     with pytest.raises(RegistryError) as raised:
         score(ScoreConfig(model_uri=model_uri, input_uri=str(competition_sample),
                           output="missing-model"))
     assert named in str(raised.value)
-    assert store.list("missing-model") == []
-    assert store.list() == keys
+    assert stored_keys(store, "missing-model") == []
+    assert stored_keys(store) == keys

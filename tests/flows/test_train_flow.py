@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.train import TrainConfig, train
+from flows.train import TrainResnetsConfig, train
 from model.data import Dataset
 from tasks.settings import EXPERIMENT, REGISTERED_MODEL, Settings
 from tasks.storage import open_store
@@ -33,9 +33,9 @@ def state_dir(module_state: Path) -> Path:
     return module_state
 
 
-def _config(parquet: Path) -> TrainConfig:
-    return TrainConfig(variants=["deep", "light"], epochs=1, batch_size=64, train_size=256,
-                       val_size=128, data_source=str(parquet), run_key=RUN_KEY)
+def _config(parquet: Path) -> TrainResnetsConfig:
+    return TrainResnetsConfig(variants=["deep", "light"], epochs=1, batch_size=64, train_size=256,
+                              val_size=128, data_source=str(parquet), run_key=RUN_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -209,18 +209,20 @@ def test_publishes_the_comparison_and_curves_to_prefect(trained: dict[str, Any])
     assert curves.data.count("data:image/png;base64,") == 2
 
 
-def test_job_state_is_kept_in_object_storage(trained: dict[str, Any]) -> None:
+def test_job_state_is_kept_in_object_storage(trained: dict[str, Any], parquet: Path) -> None:
     """Each job's checkpoint, MLflow run and registered version, under its run key: what
     lets a retried or rerun job resume instead of starting over."""
+    from tasks.training import VariantJob
+
     store = open_store(Settings.from_env().object_store)
-    keys = store.list(f"runs/{RUN_KEY}/")
-    for variant in ("deep", "light"):
-        (prefix,) = {k.rsplit("/", 1)[0] for k in keys if f"/{variant}-seed0-" in k}
-        assert {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"{prefix}/")} == {
-            "checkpoint.pt", "mlflow_run.json", "registered.json"}
-        registered = json.loads(store.get(f"{prefix}/registered.json"))
-        assert registered["version"] == trained["versions"][f"{variant}-seed0"]
-        run_id = json.loads(store.get(f"{prefix}/mlflow_run.json"))["run_id"]
+    for training in _config(parquet).training_configs():
+        job = VariantJob(training=training, run_key=RUN_KEY)
+        assert job.prefix.startswith(f"runs/{RUN_KEY}/{training.variant}-seed0-")
+        for name in ("checkpoint.pt", "mlflow_run.json", "registered.json"):
+            assert store.exists(f"{job.prefix}/{name}"), name
+        registered = json.loads(store.get(f"{job.prefix}/registered.json"))
+        assert registered["version"] == trained["versions"][f"{training.variant}-seed0"]
+        run_id = json.loads(store.get(f"{job.prefix}/mlflow_run.json"))["run_id"]
         assert registered["run_id"] == run_id
 
 
@@ -241,17 +243,17 @@ def test_rerun_with_the_same_run_key_registers_nothing_new(
 def test_the_flow_form_hands_its_training_fields_to_every_job() -> None:
     from pydantic import ValidationError
 
-    config = TrainConfig(variants=["deep", "light"], seeds=[0, 1], epochs=3, cutout=8,
-                         ema=0.99, compile=False, compile_mode="reduce-overhead")
-    jobs = config.model_configs()
+    config = TrainResnetsConfig(variants=["deep", "light"], seeds=[0, 1], epochs=3, cutout=8,
+                                ema=0.99, compile=False, compile_mode="reduce-overhead")
+    jobs = config.training_configs()
     assert sorted((j.variant, j.seed) for j in jobs) == [
         ("deep", 0), ("deep", 1), ("light", 0), ("light", 1)]
     assert {(j.epochs, j.cutout, j.ema, j.compile, j.compile_mode) for j in jobs} == {
         (3, 8, 0.99, False, "reduce-overhead")}
     # Left unset, the recipe decides: no EMA, compiled on CUDA only.
-    (default,) = TrainConfig(variants=["light"]).model_configs()
+    (default,) = TrainResnetsConfig(variants=["light"]).training_configs()
     assert default.ema == 0.0 and default.compile is None and default.compile_mode == "default"
     for bad, field in (({"ema": 1.0}, "ema"), ({"ema": float("nan")}, "ema"),
                        ({"compile_mode": "turbo"}, "compile_mode")):
         with pytest.raises(ValidationError, match=field):
-            TrainConfig(**bad)
+            TrainResnetsConfig(**bad)

@@ -69,25 +69,97 @@ def _worker_pids(state: Path) -> dict[int, str]:
     return pids
 
 
+RUN_KEY = "e2e-idempotent"
+
+
 @pytest.fixture(scope="module")
 def trained(stack):
-    """train-resnets triggered through the API, as the UI or the schedule would."""
+    """train-resnets triggered through the API, as the UI or the schedule would; then the
+    same run key again while the first parent's children still run, as a retried parent
+    or an impatient user would."""
     from prefect.deployments import run_deployment
 
     # Two seeds of light: two children, at the lower cost of the two variants.
-    config = {"dispatch": "pool", "variants": ["light"], "seeds": [0, 1], **SMALL}
+    config = {"dispatch": "pool", "variants": ["light"], "seeds": [0, 1], "run_key": RUN_KEY,
+              **SMALL}
     run = run_deployment("train-resnets/train-resnets", parameters={"config": config},
                          timeout=0)
     with _prefect() as client:
+        _wait_for_children(client, run, 2)
+        again = run_deployment("train-resnets/train-resnets", parameters={"config": config},
+                               timeout=0)
         run = _wait_final(client, run.id, timeout=900)
+        again = _wait_final(client, again.id, timeout=900)
         children = _children(client, run)
-    return run, children
+    return run, children, again
+
+
+def _wait_for_children(client, parent, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_children(client, parent)) < count:
+        assert time.monotonic() < deadline, "the parent started no children"
+        time.sleep(1)
+
+
+def _variant_runs(client, run_key: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+        name=DeploymentFilterName(any_=["train-variant"])))
+    return [r for r in runs if r.name.endswith(f" {run_key[:8]}")]
+
+
+def test_a_second_parent_with_the_same_run_key_attaches_to_the_running_children(
+        stack, trained):
+    import mlflow
+
+    run, children, again = trained
+    assert run.state.is_completed() and again.state.is_completed(), again.state.message
+    with _prefect() as client:
+        runs = _variant_runs(client, RUN_KEY)
+    # One child run per job, for both parents; one registry version per job.
+    assert sorted(r.name for r in runs) == [f"light-seed{s} {RUN_KEY[:8]}" for s in (0, 1)]
+    assert {str(r.id) for r in runs} == {str(c.id) for c in children}
+    versions = mlflow.MlflowClient().search_model_versions("name='cifar10-resnet'")
+    assert sorted(v.tags["seed"] for v in versions) == ["0", "1"]
+    # The children carry their job in their tags, beside the deployment's.
+    assert {"variant:light", "recipe:fast", "gpu"} <= set(runs[0].tags)
+
+
+def test_a_parent_whose_children_no_worker_takes_fails_fast_and_cancels_them(stack):
+    """A pool nobody polls (a GPU pool whose workers are gone): the parent does not hang;
+    it fails at its start deadline naming the pool, and cancels its children."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+
+    with _prefect() as client:
+        template = client.read_deployment_by_name("train-variant/train-variant")
+        client.create_work_pool(WorkPoolCreate(name="gpu-unpolled", type="process"),
+                                overwrite=True)
+        client.create_deployment(
+            flow_id=template.flow_id, name="unpolled", work_pool_name="gpu-unpolled",
+            entrypoint=template.entrypoint, path=template.path,
+            pull_steps=template.pull_steps,
+            parameter_openapi_schema=template.parameter_openapi_schema)
+    config = {"dispatch": "pool", "variants": ["light"], "run_key": "e2e-unpolled",
+              "child_deployment": "train-variant/unpolled", "start_timeout_seconds": 10,
+              **SMALL}
+    run = run_deployment("train-resnets/train-resnets", parameters={"config": config},
+                         timeout=0)
+    with _prefect() as client:
+        run = _wait_final(client, run.id, timeout=300)
+        children = _variant_runs(client, "e2e-unpolled")
+        assert run.state.is_failed()
+        message = client.read_flow_run_states(run.id)[-1].message or ""
+    assert "'gpu-unpolled'" in message and "no worker is polling it" in message, message
+    assert children and all(c.state.is_cancelled() for c in children), [
+        c.state.type for c in children]
 
 
 def test_pool_dispatch_trains_children_side_by_side_on_different_workers(stack, trained):
     import mlflow
 
-    run, children = trained
+    run, children, _ = trained
     assert run.state.is_completed(), run.state.message
     assert len(children) == 2 and all(c.state.is_completed() for c in children)
     # Overlapping run times: both were running at once.
@@ -184,13 +256,14 @@ def test_a_killed_worker_run_resumes_from_its_checkpoint_and_registers_once(stac
 
 
 def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained):
+    import mlflow
     from playwright import sync_api as playwright
 
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
-        pytest.fail("Debian's chromium is missing: .ci/run installs it with apt-get")
+        pytest.fail("Debian's chromium is missing: ./setup.sh installs it with apt-get")
     OUTPUT.mkdir(exist_ok=True)
-    run, _ = trained
+    run, _, _ = trained
     prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
     mlflow_ui = os.environ["MLFLOW_TRACKING_URI"]
     with playwright.sync_playwright() as p:
@@ -203,7 +276,21 @@ def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained)
         page.screenshot(path=OUTPUT / "prefect-flow-run.png")
         page.goto(f"{mlflow_ui}/#/models/cifar10-resnet")
         page.get_by_text("champion").first.wait_for(timeout=60_000)
+        # The registered model's description, rendered from its Markdown.
+        page.get_by_text("CIFAR-10 classifiers").first.wait_for(timeout=60_000)
         page.screenshot(path=OUTPUT / "mlflow-registered-model.png")
+        # The champion's model card: its Markdown rendered (headings, not `###` text).
+        champion = mlflow.MlflowClient().get_model_version_by_alias("cifar10-resnet",
+                                                                    "champion")
+        page.goto(f"{mlflow_ui}/#/models/cifar10-resnet/versions/{champion.version}")
+        page.get_by_role("heading", name="How to use it").wait_for(timeout=60_000)
+        card = page.content()
+        assert "### " not in card
+        for text in ("ModifiedResNet", champion.tags["weights_sha256"], champion.run_id,
+                     champion.tags["prefect_flow_run_id"]):
+            assert text in card, text
+        page.screenshot(path=OUTPUT / "mlflow-model-version.png", full_page=True)
         browser.close()
     assert (OUTPUT / "prefect-flow-run.png").stat().st_size > 0
     assert (OUTPUT / "mlflow-registered-model.png").stat().st_size > 0
+    assert (OUTPUT / "mlflow-model-version.png").stat().st_size > 0

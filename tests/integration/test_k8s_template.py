@@ -562,6 +562,8 @@ def test_dockerfile_builds_a_non_root_cuda_image_of_the_project() -> None:
     # torch.compile on the GPU: Triton builds its launcher with a C compiler and Python.h.
     apt = re.search(r"apt-get install ([^&]*)", runs)
     assert apt and {"gcc", "python3-dev"} <= set(apt.group(1).split()), runs
+    # Each run logs its own GPU's utilisation and memory through NVML.
+    assert "nvidia-ml-py" in runs
 
     # The build context is the repository root: every COPY source must exist there.
     for kind, args in instructions:

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from flows.train import TrainConfig, train
+from flows.train import TrainResnetsConfig, train
 from tasks.settings import EXPERIMENT, REGISTERED_MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,8 +28,8 @@ ARTIFACT_BUCKET = "mlflow-artifacts"
 
 
 @pytest.fixture(scope="module")
-def s3(endpoint: str) -> Any:
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+def s3(moto_endpoint: str) -> Any:
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=ARTIFACT_BUCKET)
     return client
 
@@ -37,7 +37,7 @@ def s3(endpoint: str) -> Any:
 @pytest.fixture(scope="module")
 def mlflow_server(
     s3: Any,
-    endpoint: str,
+    moto_endpoint: str,
     spawn: Callable[..., str],
     free_port: Callable[[], int],
     tmp_path_factory: pytest.TempPathFactory,
@@ -47,7 +47,7 @@ def mlflow_server(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(
-        MLFLOW_S3_ENDPOINT_URL=endpoint,
+        MLFLOW_S3_ENDPOINT_URL=moto_endpoint,
         # The server's background job runner (five huey consumers) is not needed here.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
@@ -83,7 +83,7 @@ def test_train_flow_registers_a_champion_on_the_server_with_artifacts_on_s3(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("CIFAR10_CACHE_DIR", str(tmp_path / "cache"))
 
-    summary = train(TrainConfig(variants=["light"], epochs=1, batch_size=64, train_size=256,
+    summary = train(TrainResnetsConfig(variants=["light"], epochs=1, batch_size=64, train_size=256,
                                 val_size=128, data_source=str(shared_parquet)))
 
     assert mlflow.get_tracking_uri() == mlflow_server

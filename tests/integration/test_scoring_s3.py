@@ -76,6 +76,7 @@ class Scoring:
     s3: Any  # a boto3 client of the test's own, not recorded
     version: str
     run_id: str
+    weights_sha256: str
     ids: np.ndarray
     images: np.ndarray
     input_digest: str
@@ -101,10 +102,10 @@ def scoring_runs() -> int:
 
 @pytest.fixture(scope="module")
 def scoring(
-    pipeline_env: pytest.MonkeyPatch, endpoint: str, competition_sample: Path
+    pipeline_env: pytest.MonkeyPatch, moto_endpoint: str, competition_sample: Path
 ) -> Scoring:
     mp = pipeline_env
-    mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    mp.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
     Settings.from_env().apply()
 
     torch.manual_seed(0)
@@ -116,7 +117,7 @@ def scoring(
         )
     registry.set_alias(registry.CHAMPION, mv.version)
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     for bucket in ("inputs", "preds"):
         s3.create_bucket(Bucket=bucket)
     bucket, key = s3_location(INPUT_URI)
@@ -136,8 +137,8 @@ def scoring(
     digest = hashlib.sha256()
     digest.update(ids.tobytes())
     digest.update(images.tobytes())
-    return Scoring(s3, str(mv.version), run.info.run_id, ids, images, digest.hexdigest(),
-                   recorder)
+    return Scoring(s3, str(mv.version), run.info.run_id, mv.tags["weights_sha256"], ids, images,
+                   digest.hexdigest(), recorder)
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +157,12 @@ def get_object(s3: Any, uri: str) -> bytes:
 # ---------------------------------------------------------------------------- tests
 
 
-def test_writes_under_model_version_and_input_digest(
+def test_writes_under_model_version_weights_run_and_input_digest(
     scoring: Scoring, first_run: tuple[dict, list[Request]]
 ) -> None:
     result, _ = first_run
-    prefix = f"{REGISTERED_MODEL}-v{scoring.version}/{scoring.input_digest[:16]}-notta"
+    prefix = (f"{REGISTERED_MODEL}-v{scoring.version}/{scoring.input_digest[:16]}-"
+              f"{scoring.weights_sha256[:12]}-{scoring.run_id[:8]}-no-tta")
     assert result["reused"] is False
     assert result["prefix"] == prefix
     assert result["manifest_uri"] == f"{OUTPUT_URI}/{prefix}/manifest.json"
@@ -221,6 +223,7 @@ def test_manifest_describes_the_data_and_matches_its_checksums(
     assert manifest["model_name"] == REGISTERED_MODEL
     assert manifest["model_version"] == scoring.version
     assert manifest["model_run_id"] == scoring.run_id
+    assert manifest["weights_sha256"] == scoring.weights_sha256
     assert manifest["dataset_digest"] == "x"
     assert manifest["input_uri"] == INPUT_URI
     assert manifest["input_digest"] == scoring.input_digest
@@ -229,12 +232,14 @@ def test_manifest_describes_the_data_and_matches_its_checksums(
     assert sorted(manifest["files"]) == sorted(DATA_FILES)
     for name in DATA_FILES:
         entry = manifest["files"][name]
-        assert entry["uri"] == f"{OUTPUT_URI}/{result['prefix']}/{name}"
-        body = get_object(scoring.s3, entry["uri"])
+        assert entry["key"] == f"{result['prefix']}/{name}"  # relative to the output store
+        uri = result["files"][name]["uri"]
+        assert uri == f"{OUTPUT_URI}/{entry['key']}"
+        body = get_object(scoring.s3, uri)
         assert entry["bytes"] == len(body)
         assert entry["sha256"] == hashlib.sha256(body).hexdigest()
         # The server holds the same SHA-256, sent by the client with the PUT.
-        bucket, key = s3_location(entry["uri"])
+        bucket, key = s3_location(uri)
         head = scoring.s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         assert base64.b64decode(head["ChecksumSHA256"]).hex() == entry["sha256"]
 

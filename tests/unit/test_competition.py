@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import data
-from model.data import InvalidInputError, read_competition_pickle, write_competition_pickle
+from model.data import InvalidInputError, read_competition_pickle, uri, write_competition_pickle
 
 SAMPLE = (
     Path(__file__).resolve().parents[2].parent
@@ -287,6 +286,31 @@ def test_refuses_abuse_of_the_allowed_globals(tmp_path: Path, raw: bytes, messag
         read_competition_pickle(path)
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # Containers grow only through the opcodes meant for them.
+        (b"\x80\x02]K\x00K\x01s.", "refuses to set an item of a list"),
+        (b"\x80\x02}K\x01a.", "refuses to append to a dict"),
+        (b"\x80\x02}(K\x01e.", "refuses to append to a dict"),
+        (b"\x80\x04}(K\x01\x90.", "refuses to add to a dict"),
+        (b"\x80\x02]}b.", "refuses to set the state of a list"),
+        # Keys whose hashes a file could make collide.
+        (b"\x80\x02}\x8a\x09" + b"\x01" * 8 + b"\x01Ns.", "an integer outside int64"),
+        (b"\x80\x02}K\x01K\x02\x86Ns.", "refuses a dict key or set element of type tuple"),
+        (b"\x80\x04(K\x01K\x02\x86\x91.", "set element of type tuple"),
+        (b"(G?\xf0\x00\x00\x00\x00\x00\x00Nd.", "set element of type float"),
+        # A memo index no pickler writes.
+        (b"Np99999999999\n.", "refuses a memo index"),
+    ],
+)
+def test_refuses_container_abuse(tmp_path: Path, raw: bytes, message: str) -> None:
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(InvalidInputError, match=message):
+        read_competition_pickle(path)
+
+
 # ----------------------------------------------------------------------- validation
 
 
@@ -441,11 +465,11 @@ def test_oversize_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None
     path = _write(tmp_path / "big.pkl", _valid(8))
     size = path.stat().st_size
 
-    def no_open(uri):
+    def no_open(_uri):
         raise AssertionError("opened a file over the size limit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "open_uri", no_open)
+        patch.setattr(uri, "open_uri", no_open)
         with pytest.raises(
             InvalidInputError, match=f"is {size} bytes, more than the limit of 1000"
         ):
@@ -455,6 +479,6 @@ def test_oversize_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None
 
 def test_oversize_is_refused_even_when_the_size_lied(tmp_path: Path, monkeypatch) -> None:
     path = _write(tmp_path / "big.pkl", _valid(8))
-    monkeypatch.setattr(data, "_uri_size", lambda uri: 10)  # a file that grew after stat
+    monkeypatch.setattr(uri, "_uri_size", lambda _: 10)  # a file that grew after stat
     with pytest.raises(InvalidInputError, match="more than the limit of 1000"):
         read_competition_pickle(path, max_bytes=1000)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import re
-import socket
 import struct
 import sys
 import tarfile
@@ -25,14 +23,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from model import data
 from model.data import (
     CLASSES,
     InvalidInputError,
     Split,
     content_digest,
+    decode,
     load_arrays,
     load_dataset,
+    open_uri,
+    parquet,
+    read_bytes,
+    sources,
     stratified_split,
 )
 
@@ -497,8 +499,8 @@ def test_second_load_comes_from_the_cache(
     def no_decode(*args: object) -> None:
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data, "_decode_source", no_decode)
-    monkeypatch.setattr(data, "_decode_images", no_decode)
+    monkeypatch.setattr(sources, "_decode_source", no_decode)
+    monkeypatch.setattr(parquet, "decode_images", no_decode)
     second = load_arrays(str(png_parquet["path"]), cache_dir=cache)
     assert second.digest == first.digest
     np.testing.assert_array_equal(second.train_images, first.train_images)
@@ -510,7 +512,7 @@ def test_folder_cache_keeps_the_test_split(
     cifar: dict, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = load_arrays(str(cifar["folder"]), cache_dir=cache)
-    monkeypatch.setattr(data, "_decode_source", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(sources, "_decode_source", lambda *a: pytest.fail("decoded again"))
     second = load_arrays(str(cifar["folder"]), cache_dir=cache)
     assert second.digest == first.digest
     assert second.test_images is not None and first.test_images is not None
@@ -566,8 +568,8 @@ def test_corrupt_cache_is_ignored_and_rewritten(
     (cache_file,) = cache.glob("*.npz")
     corrupt(cache_file)
     decoded = []
-    real = data._decode_source
-    monkeypatch.setattr(data, "_decode_source", lambda *a: decoded.append(1) or real(*a))
+    real = sources._decode_source
+    monkeypatch.setattr(sources, "_decode_source", lambda *a: decoded.append(1) or real(*a))
     second = load_arrays(str(png_parquet["path"]), cache_dir=cache)
     assert decoded == [1]
     assert second.digest == first.digest
@@ -614,118 +616,14 @@ def test_file_uri(png_parquet: dict, cifar: dict, tmp_path: Path, cache: Path) -
 def test_read_bytes_and_open_uri(tmp_path: Path) -> None:
     path = tmp_path / "blob.bin"
     path.write_bytes(b"0123456789")
-    assert data.read_bytes(str(path)) == b"0123456789"
-    assert data.read_bytes(path.as_uri(), max_bytes=10) == b"0123456789"
-    with data.open_uri(path.as_uri()) as f:
+    assert read_bytes(str(path)) == b"0123456789"
+    assert read_bytes(path.as_uri(), max_bytes=10) == b"0123456789"
+    with open_uri(path.as_uri()) as f:
         assert f.read(4) == b"0123"
     with pytest.raises(InvalidInputError, match="more than the limit of 9"):
-        data.read_bytes(str(path), max_bytes=9)
+        read_bytes(str(path), max_bytes=9)
     with pytest.raises(InvalidInputError, match="no such file"):
-        data.open_uri(str(tmp_path / "missing"))
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
-    import boto3
-
-    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
-    client.create_bucket(Bucket=bucket)
-    return types.SimpleNamespace(client=client, bucket=bucket)
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_s3_parquet_and_tarball(s3, png_parquet: dict, cifar: dict, tmp_path: Path, cache: Path):
-    tarball = write_tarball(cifar["folder"], tmp_path / "cifar-10-python.tar.gz")
-    s3.client.upload_file(str(png_parquet["path"]), s3.bucket, "sets/train.parquet")
-    s3.client.upload_file(str(tarball), s3.bucket, "sets/cifar-10-python.tar.gz")
-
-    parquet = load_dataset(f"s3://{s3.bucket}/sets/train.parquet", val_size=10, cache_dir=cache)
-    local = load_arrays(str(png_parquet["path"]), cache_dir=cache)
-    assert parquet.digest == local.digest and len(parquet.train) == 50
-    from_tar = load_arrays(f"s3://{s3.bucket}/sets/cifar-10-python.tar.gz", cache_dir=cache)
-    assert from_tar.digest == load_arrays(str(cifar["folder"]), cache_dir=cache).digest
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_s3_copy_is_reused_until_the_object_changes(s3, png_parquet: dict, cache: Path) -> None:
-    uri = f"s3://{s3.bucket}/train.parquet"
-    s3.client.upload_file(str(png_parquet["path"]), s3.bucket, "train.parquet")
-    first = load_arrays(uri, cache_dir=cache)
-    (copy,) = (cache / "s3").glob("*/train.parquet")
-    stamp = copy.stat().st_mtime_ns
-    assert load_arrays(uri, cache_dir=cache).digest == first.digest
-    assert copy.stat().st_mtime_ns == stamp
-
-    images = _images(30, 99)
-    changed = write_parquet(png_parquet["path"].parent / "changed.parquet", images)
-    s3.client.upload_file(str(changed), s3.bucket, "train.parquet")
-    second = load_arrays(uri, cache_dir=cache)
-    np.testing.assert_array_equal(second.train_images, images)
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_s3_errors(s3, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
-    with pytest.raises(InvalidInputError, match="no such file: s3://"):
-        load_arrays(f"s3://{s3.bucket}/absent.parquet", cache_dir=cache)
-    with pytest.raises(InvalidInputError, match="no such file"):
-        load_arrays("s3://no-such-bucket-here/x.parquet", cache_dir=cache)
-    s3.client.put_object(Bucket=s3.bucket, Key="dir/a.parquet", Body=b"x")
-    with pytest.raises(InvalidInputError, match="is a folder"):
-        load_arrays(f"s3://{s3.bucket}/dir", cache_dir=cache)
-    with pytest.raises(InvalidInputError, match="not an s3://bucket/key"):
-        load_arrays("s3://only-bucket", cache_dir=cache)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed}")
-    with pytest.raises(InvalidInputError, match=r"cannot reach s3://.*AWS_ENDPOINT_URL_S3"):
-        load_arrays(f"s3://{s3.bucket}/x.parquet", cache_dir=cache)
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_s3_endpoint_falls_back_to_aws_endpoint_url(
-    s3, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, png_parquet: dict, cache: Path
-) -> None:
-    s3.client.upload_file(str(png_parquet["path"]), s3.bucket, "t.parquet")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    assert len(load_arrays(f"s3://{s3.bucket}/t.parquet", cache_dir=cache).train_labels) == 60
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_competition_pickle_from_s3(s3) -> None:
-    ids = np.arange(5, dtype=np.int64)
-    images = _images(5, 1)
-    body = pickle.dumps({b"data": images, b"ids": ids}, protocol=4)
-    s3.client.put_object(Bucket=s3.bucket, Key="in/test.pkl", Body=body)
-    got_ids, got_images = data.read_competition_pickle(f"s3://{s3.bucket}/in/test.pkl")
-    np.testing.assert_array_equal(got_ids, ids)
-    np.testing.assert_array_equal(got_images, images)
-    with pytest.raises(InvalidInputError, match="more than the limit"):
-        data.read_competition_pickle(f"s3://{s3.bucket}/in/test.pkl", max_bytes=len(body) - 1)
-    with pytest.raises(InvalidInputError, match="no such file"):
-        data.read_competition_pickle(f"s3://{s3.bucket}/in/absent.pkl")
+        open_uri(str(tmp_path / "missing"))
 
 
 # ------------------------------------------------------------------------- errors
@@ -904,14 +802,14 @@ def test_wrong_number_of_class_names(tmp_path: Path, cache: Path) -> None:
 def test_decode_pool_matches_serial_and_reports_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(data, "_PARALLEL_DECODE_MIN_ROWS", 8)
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(decode, "_PARALLEL_DECODE_MIN_ROWS", 8)
+    monkeypatch.setattr(decode.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     blobs = [_encode(im, "PNG") for im in _images(40, 5)]
-    assert data._decode_workers(len(blobs)) == 2
-    np.testing.assert_array_equal(data._decode_images(blobs), data._decode_chunk(0, blobs))
+    assert decode._decode_workers(len(blobs)) == 2
+    np.testing.assert_array_equal(decode.decode_images(blobs), decode._decode_chunk(0, blobs))
     blobs[33] = b"broken"
     with pytest.raises(InvalidInputError, match="row 33: cannot decode image"):
-        data._decode_images(blobs)
+        decode.decode_images(blobs)
 
 
 @pytest.mark.slow

@@ -1,0 +1,171 @@
+"""The flows' forms and the command line's options, built from the model's config fields.
+
+`model/config.py` declares each option once (type, default, bounds, help line). Here the
+same fields become pydantic forms, which the Prefect UI renders and which reject bad
+values before any work starts, and argparse options for `cifar-pipeline train`. A new
+training option therefore reaches the CLI, the Prefect form, the MLflow params and the
+model config from one field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+
+from model.config import DataConfig, TrainConfig, Variant, config_fields
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
+def _form_type(type_: Any, meta: dict[str, Any]) -> Any:
+    if meta.get("finite"):
+        return FiniteFloat | None if _optional(type_) else FiniteFloat
+    return type_
+
+
+def _optional(type_: Any) -> bool:
+    return get_origin(type_) in (Union, types.UnionType) and type(None) in get_args(type_)
+
+
+def _plain(type_: Any) -> Any:
+    """int | None -> int."""
+    if _optional(type_):
+        return next(a for a in get_args(type_) if a is not type(None))
+    return type_
+
+
+def form_fields(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """pydantic field definitions of a config dataclass's fields."""
+    out = {}
+    for name, type_, default, meta in config_fields(cls):
+        if name in exclude:
+            continue
+        bounds = {k: meta[k] for k in BOUNDS if k in meta}
+        out[name] = (_form_type(type_, meta), Field(default, description=meta.get("help"),
+                                                    **bounds))
+    return out
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# The training options a flow run passes to every job: all of TrainConfig but what varies
+# per job (variant, seed).
+TrainingOptions = create_model(
+    "TrainingOptions", __base__=_Form, __doc__="Options of every training job; unset "
+    "numbers take the recipe's defaults (model/config.py, RECIPE_DEFAULTS).",
+    **form_fields(TrainConfig, exclude=("variant", "seed")),
+)
+DataOptions = create_model("DataOptions", __base__=_Form,
+                           __doc__="Where the training data comes from and how it is split.",
+                           **form_fields(DataConfig))
+TRAINING_FIELDS = tuple(TrainingOptions.model_fields)
+DATA_FIELDS = tuple(DataOptions.model_fields)
+
+
+def training_config(form: BaseModel, **per_job: Any) -> TrainConfig:
+    """The model config of one job: the form's training options plus `per_job` fields."""
+    return TrainConfig(**form.model_dump(include=set(TRAINING_FIELDS), exclude_none=True),
+                       **per_job)
+
+
+def data_config(form: BaseModel) -> DataConfig:
+    return DataConfig(**form.model_dump(include=set(DATA_FIELDS)))
+
+
+class TrainResnetsConfig(TrainingOptions, DataOptions):
+    """Parameters of the train-resnets flow; the Prefect UI renders them as its form.
+    Unset numbers take the recipe's defaults (model/config.py, RECIPE_DEFAULTS)."""
+
+    variants: list[Variant] = Field(["deep", "light"], min_length=1,
+                                    description="networks to train: deep, light or both")
+    seeds: list[int] = Field([0], min_length=1, description="one job per variant and seed")
+    score_after: bool = Field(False, description="score the competition file after promotion")
+    competition_file: str | None = Field(None, description="input of the scoring step")
+    run_key: str | None = Field(
+        None, description="runs with the same key share checkpoints and child runs; default: "
+        "the flow run id")
+    dispatch: Literal["local", "pool"] = Field(
+        "local", description="local: train in this process; pool: one child flow run per "
+        "job on the GPU work pool (deployment train-variant)")
+    child_deployment: str = Field("train-variant/train-variant",
+                                  description="the deployment that pool dispatch runs")
+    start_timeout_seconds: float = Field(
+        900, gt=0, le=7 * 86_400, description="pool dispatch: a child not running by then "
+        "fails the run (no worker is taking the pool's work) and its children are cancelled")
+    timeout_seconds: float = Field(
+        86_400, gt=0, le=30 * 86_400, description="pool dispatch: the longest wait for all "
+        "children to end; then the run fails and cancels them")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"seeds must be distinct and non-negative, got {value}")
+        return value
+
+    def training_configs(self) -> list[TrainConfig]:
+        """One model config per variant and seed; validates them all before any work."""
+        return [training_config(self, variant=variant, seed=seed)
+                for variant in self.variants for seed in self.seeds]
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def add_form_arguments(parser: argparse.ArgumentParser, form: type[BaseModel],
+                       aliases: dict[str, str] | None = None) -> None:
+    """One --option per form field, typed, bounded by the form itself, with its help."""
+    aliases = aliases or {}
+    for name, info in form.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([aliases[name]] if name in aliases else [])
+        kind = _plain(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        help_ = info.description or ""
+        if default is not None and kind is not bool:
+            help_ += f" (default {default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = get_args(kind)
+        elif get_origin(kind) is Annotated:  # FiniteFloat
+            kwargs["type"] = get_args(kind)[0]
+        elif kind in (int, float, str):
+            kwargs["type"] = kind
+        elif get_origin(kind) is list:
+            item = get_args(kind)[0]
+            kwargs["type"] = _comma_list(int if item is int else str)
+            kwargs["metavar"] = "A,B"
+        else:
+            continue  # nothing the command line can express
+        parser.add_argument(*flags, **kwargs)
+
+
+def _comma_list(item: type):
+    def parse(text: str) -> list:
+        try:
+            return [item(part) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from exc
+
+    return parse
+
+
+def given(args: argparse.Namespace, form: type[BaseModel]) -> dict[str, Any]:
+    """The form fields set on the command line: unset ones keep the form's defaults."""
+    return {name: getattr(args, name) for name in form.model_fields
+            if getattr(args, name, None) is not None}

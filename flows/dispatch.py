@@ -1,0 +1,128 @@
+"""Pool dispatch: one child `train-variant` flow run per job on the GPU work pool.
+
+Children report through object storage (registered.json), so the parent needs no shared
+result storage with the workers. Each child is created with an idempotency key built from
+the run key and the job, so a retried or rerun parent attaches to the children it already
+started instead of starting a second set. The wait has two deadlines: a child that no
+worker has started by `start_timeout_seconds` fails the parent (and its children are
+cancelled), and so does a wait longer than `timeout_seconds`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_client, get_run_logger
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled, Scheduled
+
+from tasks.settings import Settings
+from tasks.storage import open_store
+from tasks.training import VariantJob, VariantResult, read_result
+
+POLL_SECONDS = 2.0
+NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)  # Late is a Scheduled state
+RESTARTABLE = (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
+
+
+class DispatchError(RuntimeError):
+    """The children on the work pool did not start or did not finish in time."""
+
+
+def idempotency_key(job: VariantJob) -> str:
+    return f"train-variant/{job.run_key}/{job.name}-{job.training.hash()}"
+
+
+def run_tags(job: VariantJob) -> list[str]:
+    """Run tags for the UI's filters and the pools' automations (the deployment adds its
+    own, `gpu` among them)."""
+    t = job.training
+    return [f"variant:{t.variant}", f"recipe:{t.recipe}", f"seed:{t.seed}", "gpu"]
+
+
+def run_on_pool(jobs: list[VariantJob], config, settings: Settings):
+    """Start (or attach to) one child per job, wait for all, keep what succeeded:
+    (results, {job: why it failed})."""
+    logger = get_run_logger()
+    children = {}
+    with get_client(sync_client=True) as client:
+        for job in jobs:
+            run = run_deployment(config.child_deployment,
+                                 parameters={"job": job.model_dump(mode="json")}, timeout=0,
+                                 flow_run_name=f"{job.name} {job.run_key[:8]}",
+                                 tags=run_tags(job), idempotency_key=idempotency_key(job))
+            if run.state is not None and run.state.type in RESTARTABLE:
+                # A retried parent: the child failed before; run it again (it resumes from
+                # its checkpoint) rather than create a second run for the same job.
+                client.set_flow_run_state(run.id, Scheduled(), force=True)
+                logger.info("rescheduled %s (flow run %s, was %s)", job.name, run.id,
+                            run.state.type.value)
+            else:
+                logger.info("%s is flow run %s", job.name, run.id)
+            children[job.name] = (job, run.id)
+        pool = client.read_deployment_by_name(config.child_deployment).work_pool_name
+        states = _wait(client, children, pool, config, logger)
+    store = open_store(settings.object_store)
+    results: list[VariantResult] = []
+    failed = {}
+    for name, (job, _) in children.items():
+        state = states[name]
+        result = read_result(store, job) if state.is_completed() else None
+        if result is None:
+            failed[name] = f"{state.type.value}: {state.message or 'no result'}"
+        else:
+            results.append(result)
+    return results, failed
+
+
+def _wait(client, children, pool: str, config, logger) -> dict:
+    started_at = time.monotonic()
+    states, running = {}, set()
+    while len(states) < len(children):
+        for name, (_, run_id) in children.items():
+            if name in states:
+                continue
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_final():
+                states[name] = state
+                logger.info("%s ended %s", name, state.type.value)
+            elif state is not None and state.type not in NOT_STARTED:
+                running.add(name)
+        waited = time.monotonic() - started_at
+        waiting = [n for n in children if n not in states and n not in running]
+        if waiting and waited > config.start_timeout_seconds:
+            _cancel(client, children, states)
+            raise DispatchError(
+                f"{', '.join(waiting)} did not start within {config.start_timeout_seconds:g} s "
+                f"on work pool {pool!r}: {_pool_health(client, pool)}; the children of this "
+                "run were cancelled. Start a worker (python infra/workers.py start --pool "
+                f"{pool}), then rerun with the same run key to resume")
+        if len(states) < len(children) and waited > config.timeout_seconds:
+            _cancel(client, children, states)
+            raise DispatchError(
+                f"the children on work pool {pool!r} did not all finish within "
+                f"{config.timeout_seconds:g} s; the unfinished ones were cancelled. Rerun with "
+                "the same run key to resume them from their checkpoints")
+        if len(states) < len(children):
+            time.sleep(POLL_SECONDS)
+    return states
+
+
+def _pool_health(client, pool: str) -> str:
+    try:
+        workers = client.read_workers_for_work_pool(pool)
+    except Exception as exc:  # the pool itself may be gone
+        return f"the pool cannot be read ({type(exc).__name__}: {exc})"
+    online = [w for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE")]
+    if not online:
+        return "no worker is polling it"
+    return (f"{len(online)} worker(s) poll it but took none of these runs (busy, or the "
+            "pool's concurrency limit is reached)")
+
+
+def _cancel(client, children, states) -> None:
+    for name, (_, run_id) in children.items():
+        if name not in states:
+            client.set_flow_run_state(run_id, Cancelled(message="the parent run gave up "
+                                                        "waiting for it"), force=True)

@@ -1,0 +1,18 @@
+"""What storage raises: one base class, so a caller can catch every storage failure."""
+
+
+class StorageError(RuntimeError):
+    """Storage failed after bounded retries; the message names the endpoint, bucket or
+    key and what to check (credentials, bucket exists, endpoint reachable)."""
+
+
+class ObjectExistsError(StorageError):
+    """A conditional put (`if_absent=True`) found the key already there."""
+
+
+class MissingObjectError(StorageError, KeyError):
+    """The object does not exist. Also a KeyError, so `except KeyError` works."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0]) if self.args else ""

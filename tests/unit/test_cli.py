@@ -1,0 +1,46 @@
+"""The command line's promises that need no run: global options in either place, a help
+line for every option."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from flows.cli import _parser
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+COMMANDS = sorted(_commands())
+MINIMAL_ARGS = {"score": ["--input", "f.pkl"], "predict": ["a.png"], "stack": ["status"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_state_dir_is_taken_before_or_after_the_command(command):
+    parser = _parser()
+    rest = MINIMAL_ARGS.get(command, [])
+    after = parser.parse_args([command, *rest, "--state-dir", "after"])
+    before = parser.parse_args(["--state-dir", "before", command, *rest])
+    neither = parser.parse_args([command, *rest])
+    assert (after.state_dir, before.state_dir, neither.state_dir) == ("after", "before", None)
+
+
+@pytest.mark.parametrize("command", ["top", *COMMANDS])
+def test_every_option_has_a_help_line(command):
+    parser = _parser() if command == "top" else _commands()[command]
+    missing = [a.option_strings or [a.dest] for a in parser._actions
+               if not isinstance(a, argparse._SubParsersAction)
+               and (not a.help or a.help == argparse.SUPPRESS)]
+    assert missing == []
+
+
+def test_predict_takes_several_inputs_and_its_options():
+    args = _parser().parse_args(["predict", "a.png", "dir", "t.pkl", "--json", "--no-tta",
+                                 "--model-uri", "models:/cifar10-resnet/3"])
+    assert args.inputs == ["a.png", "dir", "t.pkl"] and args.json and args.no_tta
+    assert args.model_uri == "models:/cifar10-resnet/3" and args.device == "auto"
