@@ -54,7 +54,7 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
     settings = Settings.from_env()
     settings.apply()
     # A bad input or model URI fails here, before anything is written.
-    scoring_input = read_competition_file(competition_input(config.input_uri))
+    scoring_input = read_competition_file(competition_input(config.input_uri, settings))
     model = resolve_model(config.model_uri)
     store, root = open_location(config.output, settings.object_store)
     prefix = result_prefix(root, model, scoring_input.digest, config.tta)

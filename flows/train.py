@@ -38,7 +38,7 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         # A bad competition file is found now, not after hours of training.
         from tasks.scoring import competition_input
 
-        read_competition_pickle(competition_input(config.competition_file))
+        read_competition_pickle(competition_input(config.competition_file, settings))
 
     with tracked_run(run_name=f"train-resnets {run_key[:8]}") as parent:
         mlflow.log_params({"flow." + k: v for k, v in config.model_dump().items()})

@@ -142,15 +142,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate(self)
 
-    def load(self, source: str | None = None, cache_dir: str | os.PathLike | None = None):
-        """The Dataset this config names; `source` (a resolved default) when it names none."""
+    def load(self, source: str | None = None, cache_dir: str | os.PathLike | None = None,
+             shared_cache: Any = None):
+        """The Dataset this config names; `source` (a resolved default) when it names none.
+        `shared_cache`: decoded arrays shared between machines (model.data.SharedCache)."""
         from model.data import load_dataset
 
         chosen = self.data_source or source
         if not chosen:
             raise ConfigError("data_source: no training data given")
         return load_dataset(chosen, val_size=self.val_size, seed=self.split_seed,
-                            train_size=self.train_size, cache_dir=cache_dir)
+                            train_size=self.train_size, cache_dir=cache_dir,
+                            shared_cache=shared_cache)
 
 
 @dataclass(frozen=True)

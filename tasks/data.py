@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from pathlib import Path
 
 import mlflow
 from prefect import task
@@ -13,6 +15,7 @@ from model.config import DataConfig
 from model.data import Dataset, InvalidInputError
 from tasks.retries import TRANSIENT_RETRIES
 from tasks.settings import Settings
+from tasks.storage import MissingObjectError, ObjectExistsError, ObjectStore, open_store
 
 TORCHVISION = "torchvision"
 
@@ -36,7 +39,8 @@ def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
     resolved, origin = resolve_source(data.data_source, settings)
     logger.info("data source %s (from %s)", resolved, origin)
     try:
-        dataset = data.load(resolved, cache_dir=settings.cache_dir)
+        dataset = data.load(resolved, cache_dir=settings.cache_dir,
+                            shared_cache=StoreCache(open_store(settings.object_store)))
     except InvalidInputError as exc:
         if resolved == TORCHVISION:
             raise InvalidInputError(
@@ -51,6 +55,29 @@ def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
         f", {len(dataset.test)} test" if dataset.test is not None else "",
     )
     return dataset
+
+
+class StoreCache:
+    """Decoded arrays in object storage, under `cache/decoded/<source digest>.npz`: each
+    Kubernetes Job or worker machine fetches what another one decoded instead of decoding
+    the source again."""
+
+    PREFIX = "cache/decoded"
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def fetch(self, name: str, path: Path) -> bool:
+        try:
+            self.store.get_file(f"{self.PREFIX}/{name}", path)
+        except MissingObjectError:
+            return False
+        return True
+
+    def publish(self, name: str, path: Path) -> None:
+        # ObjectExistsError: another machine published the same content first.
+        with contextlib.suppress(ObjectExistsError):
+            self.store.put_file(f"{self.PREFIX}/{name}", path, if_absent=True)
 
 
 def log_dataset(data: Dataset) -> None:

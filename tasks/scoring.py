@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from model.predict import predict, resolve_device
 from tasks import registry
 from tasks.registry import RegistryError
 from tasks.retries import TRANSIENT_RETRIES
+from tasks.settings import Settings
 from tasks.storage import ObjectExistsError, ObjectStore
 from tasks.tracking import tracked_run
 
@@ -75,9 +75,9 @@ class Predictions:
     seconds: float  # loading the weights and predicting
 
 
-def competition_input(configured: str | None) -> str:
+def competition_input(configured: str | None, settings: Settings) -> str:
     """The competition file: as configured, else CIFAR_COMPETITION_FILE."""
-    value = configured or os.environ.get("CIFAR_COMPETITION_FILE")
+    value = configured or settings.competition_file
     if not value:
         raise ValueError("no competition file: set input_uri in the flow's parameters or "
                          "CIFAR_COMPETITION_FILE")

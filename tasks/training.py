@@ -57,7 +57,9 @@ class VariantJob(BaseModel):
 
     @property
     def prefix(self) -> str:
-        return f"runs/{self.run_key}/{self.name}-{self.training.hash()}"
+        """Where this job's state lives in object storage: jobs of one run key side by
+        side, each config apart (a changed config never resumes another's checkpoint)."""
+        return "/".join(("runs", self.run_key, f"{self.name}-{self.training.hash()}"))
 
 
 @dataclass
@@ -151,8 +153,10 @@ def register_version(job: VariantJob, data: Dataset, result: FitResult):
         "val_acc": repr(float(result.metrics["val/acc"])),
         "config_hash": job.training.hash(),
     }
+    # The version's model card is written from the final metrics, the config and the data.
     return registry.register(result.model, variant=job.training.variant, tags=tags,
-                             tta=bool(job.training.tta))
+                             tta=bool(job.training.tta), metrics=result.metrics,
+                             config=job.training.to_dict(), data=data)
 
 
 class _EpochLogger:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.data.arrays import InvalidInputError, Split
-from model.data.sources import load_arrays
+from model.data.sources import SharedCache, load_arrays
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +84,14 @@ def load_dataset(
     seed: int = 0,
     train_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    shared_cache: SharedCache | None = None,
 ) -> Dataset:
     """The one entry point: read `source`, hold out a stratified validation split of
     `val_size` rows, and optionally keep a stratified subset of `train_size` training rows
     (after the hold-out, so the validation rows do not depend on it) for smoke tests and
     quick profiles; None keeps all."""
     source = os.fspath(source)
-    raw = load_arrays(source, cache_dir=cache_dir)
+    raw = load_arrays(source, cache_dir=cache_dir, shared=shared_cache)
     train_idx, val_idx = stratified_split(raw.train_labels, val_size, seed)
     train = Split(raw.train_images[train_idx], raw.train_labels[train_idx])
     val = Split(raw.train_images[val_idx], raw.train_labels[val_idx])

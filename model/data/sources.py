@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -158,15 +159,30 @@ def _decode_source(path: Path, kind: str, source: str) -> RawData:
     return read_parquet(path, source)
 
 
+class SharedCache(Protocol):
+    """A decode cache shared by machines (object storage): entries are the local cache's
+    files, named by the source's content digest."""
+
+    def fetch(self, name: str, path: Path) -> bool:
+        """Copy entry `name` to `path`; False when there is none."""
+
+    def publish(self, name: str, path: Path) -> None:
+        """Store the file at `path` as entry `name`."""
+
+
 def load_arrays(
-    source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+    source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
+    shared: SharedCache | None = None,
 ) -> RawData:
     """Read a source into arrays, through the local decode cache.
 
     The cache key is the sha256 of the source's bytes (for a folder, of its batch files in
     order), so a changed file is decoded again and a renamed or re-downloaded one is not.
     `cache_dir` defaults to $CIFAR10_CACHE_DIR, else ~/.cache/cifar-pipeline; S3 objects
-    and torchvision's download are kept there too.
+    and torchvision's download are kept there too. With a `shared` cache, a local miss is
+    fetched from it before decoding, and what this machine decodes is published to it, so
+    a cluster decodes each source once. A fetched entry is checked like a local one (its
+    content digest is recomputed) and decoded afresh when it does not hold.
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -181,8 +197,12 @@ def load_arrays(
     files = folder_files(path, source) if kind == "folder" else [path]
     cache_file = cache / f"{_files_key(files)}.npz"
     cached = _read_cache(cache_file)
+    if cached is None and shared is not None and shared.fetch(cache_file.name, cache_file):
+        cached = _read_cache(cache_file)
     if cached is not None:
         return cached
     raw = _decode_source(path, kind, source)
     _write_cache(cache_file, raw)
+    if shared is not None and cache_file.is_file():
+        shared.publish(cache_file.name, cache_file)
     return raw

@@ -1,0 +1,54 @@
+"""Decoded arrays shared through object storage: one machine decodes a source, the others
+fetch the arrays instead of decoding it again; a bad shared entry is never trusted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import model.data.sources as sources
+from model.config import DataConfig
+from tasks.data import StoreCache
+from tasks.storage import LocalStore
+from tests.unit.test_data import write_parquet
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    seen: list[str] = []
+    real = sources._decode_source
+
+    def counting(path, kind, source):
+        seen.append(source)
+        return real(path, kind, source)
+
+    monkeypatch.setattr(sources, "_decode_source", counting)
+    return seen
+
+
+@pytest.fixture
+def source(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    return str(write_parquet(tmp_path / "train.parquet", images))
+
+
+def test_a_second_machine_fetches_what_the_first_decoded(tmp_path, source, decodes):
+    shared = StoreCache(LocalStore(tmp_path / "objects"))
+    config = DataConfig(data_source=source, val_size=20)
+    first = config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
+    (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
+    second = config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
+    assert decodes == [source]  # machine b decoded nothing
+    assert second.digest == first.digest and entry.name.endswith(".npz")
+    np.testing.assert_array_equal(second.train.images, first.train.images)
+
+
+def test_a_corrupt_shared_entry_is_decoded_afresh(tmp_path, source, decodes):
+    shared = StoreCache(LocalStore(tmp_path / "objects"))
+    config = DataConfig(data_source=source, val_size=20)
+    first = config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
+    (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
+    entry.write_bytes(entry.read_bytes()[:-300])  # torn or tampered in the store
+    second = config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
+    assert decodes == [source, source]
+    assert second.digest == first.digest
