@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
@@ -98,11 +99,24 @@ def _write_cache(path: Path, raw: RawData) -> None:
         _log.warning("cannot write the decode cache %s: %s", path, e)
 
 
+def _check_uncompressed(path: Path) -> None:
+    """`_write_cache` stores its arrays uncompressed, so their sizes add up to the file's.
+    A file that says otherwise (a compressed member: a zip bomb from a shared cache) is
+    refused before any member is read."""
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members):
+        raise ValueError("a compressed member; the cache stores its arrays uncompressed")
+    if sum(m.file_size for m in members) > path.stat().st_size:
+        raise ValueError("members larger than the file")
+
+
 def _read_cache(path: Path) -> RawData | None:
     """The cached arrays, or None when absent or not exactly what `_write_cache` wrote."""
     if not path.is_file():
         return None
     try:
+        _check_uncompressed(path)
         with np.load(path, allow_pickle=False) as z:
             if int(z["format"]) != _CACHE_FORMAT:
                 raise ValueError(f"cache format {int(z['format'])}")

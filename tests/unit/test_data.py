@@ -37,6 +37,7 @@ from model.data import (
     sources,
     stratified_split,
 )
+from model.data import cifar as cifar_module
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 SHARED_PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
@@ -793,6 +794,89 @@ def test_wrong_number_of_class_names(tmp_path: Path, cache: Path) -> None:
     path = write_parquet(tmp_path / "m.parquet", _images(2, 0), metadata={"classes": "a,b,c"})
     with pytest.raises(InvalidInputError, match="3 class names"):
         load_arrays(str(path), cache_dir=cache)
+
+
+# -------------------------------------------------------------------------- caps
+
+
+def _refuse_parsing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The batch `name` reaching the unpickler fails the test: the cap must come first."""
+    real = cifar_module.restricted_loads
+
+    def loads(raw: bytes, what: str) -> object:
+        assert not what.endswith(name), f"read {what}"
+        return real(raw, what)
+
+    monkeypatch.setattr(cifar_module, "restricted_loads", loads)
+
+
+def test_batch_files_over_the_cap_are_refused_unread(
+    cifar: dict, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = write_tarball(cifar["folder"], tmp_path / "cifar-10-python.tar.gz")
+    size = (cifar["folder"] / "data_batch_1").stat().st_size
+    monkeypatch.setattr(cifar_module, "MAX_MEMBER_BYTES", size - 1)
+    _refuse_parsing(monkeypatch, "data_batch_1")
+    member = f"member cifar-10-batches-py/data_batch_1 is {size} bytes, more than the limit"
+    with pytest.raises(InvalidInputError, match=member):
+        load_arrays(str(tarball), cache_dir=cache)
+    with pytest.raises(InvalidInputError, match=f"data_batch_1 is {size} bytes, more than"):
+        load_arrays(str(cifar["folder"]), cache_dir=cache)
+
+
+def test_archive_headers_over_the_cap_are_refused(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pax header (a long name) that tarfile would read whole before naming the member.
+    path = tmp_path / "pax.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/" + "x" * 5000)
+        tar.addfile(info, io.BytesIO())
+    monkeypatch.setattr(cifar_module, "MAX_MEMBER_BYTES", 4096)
+    claims = r"an archive header claims \d+ bytes, more than the limit of 4096"
+    with pytest.raises(InvalidInputError, match=claims):
+        load_arrays(str(path), cache_dir=cache)
+
+
+def test_class_names_are_checked_before_they_are_decoded(tmp_path: Path, cache: Path) -> None:
+    src = write_cifar_folder(tmp_path)
+    long_names = [b"n" * 300] * 10
+    (src["folder"] / "batches.meta").write_bytes(pickle.dumps({b"label_names": long_names}))
+    with pytest.raises(InvalidInputError, match="a class name is longer than 256 bytes"):
+        load_arrays(str(src["folder"]), cache_dir=cache)
+    (src["folder"] / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"\xff"] * 10}))
+    with pytest.raises(InvalidInputError, match="a class name is not UTF-8"):
+        load_arrays(str(src["folder"]), cache_dir=cache)
+
+
+def test_parquet_rows_are_capped_from_the_footer(
+    png_parquet: dict, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parquet, "ROWS_FLOOR", 59)
+    monkeypatch.setattr(parquet, "MIN_ROW_BYTES", 2**40)
+    monkeypatch.setattr(parquet, "page_sizes", lambda *a: pytest.fail("read the pages"))
+    with pytest.raises(InvalidInputError, match="declares 60 rows, more than the limit of 59"):
+        load_arrays(str(png_parquet["path"]), cache_dir=cache)
+
+
+def test_parquet_image_bytes_are_capped_before_decoding(
+    png_parquet: dict, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = png_parquet["path"].stat().st_size
+    monkeypatch.setattr(parquet, "decode_images", lambda *a: pytest.fail("decoded"))
+    monkeypatch.setattr(parquet, "ENCODED_BYTES_FLOOR", 0)
+    monkeypatch.setattr(parquet, "ENCODED_BYTES_PER_FILE_BYTE", 0.5)
+    with pytest.raises(InvalidInputError, match=f"more than the limit of {size // 2}"):
+        load_arrays(str(png_parquet["path"]), cache_dir=cache)
+    # Each image: from the dictionary page where the file has one, else row by row.
+    monkeypatch.setattr(parquet, "ENCODED_BYTES_FLOOR", 2**40)
+    monkeypatch.setattr(parquet, "MAX_IMAGE_BYTES", 100)
+    with pytest.raises(InvalidInputError, match="its dictionary holds an image of"):
+        load_arrays(str(png_parquet["path"]), cache_dir=cache)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(png_parquet["path"]), plain, use_dictionary=False)
+    with pytest.raises(InvalidInputError, match=r"row 0: the image is \d+ bytes, more than"):
+        load_arrays(str(plain), cache_dir=cache)
 
 
 # ---------------------------------------------------------------------- slow paths

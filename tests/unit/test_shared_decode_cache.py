@@ -52,3 +52,24 @@ def test_a_corrupt_shared_entry_is_decoded_afresh(tmp_path, source, decodes):
     second = config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
     assert decodes == [source, source]
     assert second.digest == first.digest
+
+
+def test_a_compressed_shared_entry_is_refused_unread(tmp_path, source, decodes, monkeypatch):
+    """A zip bomb in the shared cache: a member that inflates far beyond the file."""
+    import zipfile
+
+    import model.data.sources as sources_module
+
+    store = LocalStore(tmp_path / "objects")
+    shared = StoreCache(store)
+    config = DataConfig(data_source=source, val_size=20)
+    config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
+    (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
+    with zipfile.ZipFile(entry, "w", compression=zipfile.ZIP_DEFLATED) as bomb:
+        bomb.writestr("train_images.npy", b"\0" * (64 * 2**20))
+    loaded = []
+    real_load = np.load
+    monkeypatch.setattr(sources_module.np, "load",
+                        lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
+    assert len(decodes) == 2 and loaded == []  # refused before np.load, then decoded
