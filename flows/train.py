@@ -3,7 +3,7 @@
 Its form, `TrainResnetsConfig`, lives in flows/config.py with the other forms.
 
 Jobs run in this process (one after another on one device, side by side when several
-GPUs are visible), or as child flow runs on the GPU work pool (flows/dispatch.py).
+GPUs are visible), or as child flow runs on the GPU work pool (tasks/dispatch.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         data = prepare_data(settings, data_config(config))
         log_dataset(data)
         if config.dispatch == "pool":
-            from flows.dispatch import run_on_pool
+            from tasks.dispatch import run_on_pool
 
             results, failed = run_on_pool(jobs, config, settings)
         else:

@@ -1,7 +1,7 @@
 """The child flow: train one variant and seed on whichever worker picks it up.
 
 The parent flow starts it on the `gpu` work pool with `run_deployment`, one per variant and
-seed (flows/dispatch.py). It loads the data itself (workers share nothing but object
+seed (tasks/dispatch.py). It loads the data itself (workers share nothing but object
 storage and MLflow), and leaves its result in object storage, where a retry or a rerun with
 the same run key finds the checkpoint to resume from, or the registered version to return.
 """
