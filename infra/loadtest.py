@@ -189,9 +189,9 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
     train_ids, score_ids = [], []
     for i in range(trainings):
         model = {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides_for("fast")}
-        job = {"model": model,
-               "run_key": f"{tag}-{i:03d}", "data_source": data_source,
-               "train_size": smoke.train_size, "val_size": smoke.val_size}
+        job = {"training": model, "run_key": f"{tag}-{i:03d}",
+               "data": {"data_source": data_source, "train_size": smoke.train_size,
+                        "val_size": smoke.val_size}}
         run = run_deployment(TRAIN_DEPLOYMENT, parameters={"job": job}, timeout=0,
                              flow_run_name=f"{tag}-train-{i:03d}")
         train_ids.append(run.id)

@@ -90,10 +90,10 @@ def test_a_prefect_server_restart_mid_run_keeps_the_run_right_and_workers_reconn
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
     workers_before = {n: p for n, p in _pids(stack["state"]).items() if n.startswith("worker.")}
-    job = {"model": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
-                     "seed": 11},
-           "run_key": "prefect-restart", "data_source": str(PARQUET), "val_size": 64,
-           "train_size": 128}
+    job = {"training": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
+                        "seed": 11, "checkpoint_seconds": 0},
+           "data": {"data_source": str(PARQUET), "val_size": 64, "train_size": 128},
+           "run_key": "prefect-restart"}
     run = run_deployment("train-variant/train-variant", parameters={"job": job}, timeout=0)
 
     # Wait until training is under way: its first checkpoint is in S3.

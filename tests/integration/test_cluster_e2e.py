@@ -101,11 +101,11 @@ def _wait_for_children(client, parent, count: int, timeout: float = 300) -> None
         time.sleep(1)
 
 
-def _variant_runs(client, run_key: str):
+def _variant_runs(client, run_key: str, deployment: str = "train-variant"):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-        name=DeploymentFilterName(any_=["train-variant"])))
+        name=DeploymentFilterName(any_=[deployment])))
     return [r for r in runs if r.name.endswith(f" {run_key[:8]}")]
 
 
@@ -148,7 +148,7 @@ def test_a_parent_whose_children_no_worker_takes_fails_fast_and_cancels_them(sta
                          timeout=0)
     with _prefect() as client:
         run = _wait_final(client, run.id, timeout=300)
-        children = _variant_runs(client, "e2e-unpolled")
+        children = _variant_runs(client, "e2e-unpolled", deployment="unpolled")
         assert run.state.is_failed()
         message = client.read_flow_run_states(run.id)[-1].message or ""
     assert "'gpu-unpolled'" in message and "no worker is polling it" in message, message
@@ -214,10 +214,11 @@ def test_a_killed_worker_run_resumes_from_its_checkpoint_and_registers_once(stac
     import mlflow
     from prefect.deployments import run_deployment
 
-    job = {"model": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
-                     "seed": 7},
-           "run_key": "kill-test", "data_source": str(PARQUET), "val_size": 128,
-           "train_size": 192}
+    # A checkpoint after every epoch, so that the kill lands after one is in S3.
+    job = {"training": {"recipe": "fast", "variant": "light", "epochs": 3, "batch_size": 32,
+                        "seed": 7, "checkpoint_seconds": 0},
+           "data": {"data_source": str(PARQUET), "val_size": 128, "train_size": 192},
+           "run_key": "kill-test"}
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
     first = run_deployment("train-variant/train-variant", parameters={"job": job}, timeout=0)
 
