@@ -10,29 +10,27 @@ model config from one field.
 from __future__ import annotations
 
 import argparse
-import math
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from model.config import DataConfig, TrainConfig, Variant, config_fields
 
-
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
-    return value
-
-
-FiniteFloat = Annotated[float, AfterValidator(_finite)]
 BOUNDS = ("ge", "gt", "le", "lt")
 
 
 def _form_type(type_: Any, meta: dict[str, Any]) -> Any:
+    """The field's type with its bounds (and finiteness) on the value itself: for an
+    optional number, inside the union, so that the JSON schema the Prefect UI and its
+    parameter check read carries standard minimum/maximum keywords on the number."""
+    bounds = {k: meta[k] for k in BOUNDS if k in meta}
     if meta.get("finite"):
-        return FiniteFloat | None if _optional(type_) else FiniteFloat
-    return type_
+        bounds["allow_inf_nan"] = False
+    if not bounds:
+        return type_
+    value = Annotated[_plain(type_), Field(**bounds)]
+    return value | None if _optional(type_) else value
 
 
 def _optional(type_: Any) -> bool:
@@ -50,11 +48,8 @@ def form_fields(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """pydantic field definitions of a config dataclass's fields."""
     out = {}
     for name, type_, default, meta in config_fields(cls):
-        if name in exclude:
-            continue
-        bounds = {k: meta[k] for k in BOUNDS if k in meta}
-        out[name] = (_form_type(type_, meta), Field(default, description=meta.get("help"),
-                                                    **bounds))
+        if name not in exclude:
+            out[name] = (_form_type(type_, meta), Field(default, description=meta.get("help")))
     return out
 
 
@@ -142,7 +137,7 @@ def add_form_arguments(parser: argparse.ArgumentParser, form: type[BaseModel],
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
             kwargs["choices"] = get_args(kind)
-        elif get_origin(kind) is Annotated:  # FiniteFloat
+        elif get_origin(kind) is Annotated:  # a bounded number
             kwargs["type"] = get_args(kind)[0]
         elif kind in (int, float, str):
             kwargs["type"] = kind
