@@ -3,11 +3,13 @@
     cifar-pipeline run [--profile auto|smoke|quick|full] [--competition-file F] [--data SRC]
     cifar-pipeline train [--variants deep,light] [--recipe fast] [--epochs N] ...
     cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion]
+    cifar-pipeline predict IMAGE|FOLDER|PICKLE... [--model-uri URI] [--json]
     cifar-pipeline models
     cifar-pipeline stack up|down|status [--workers N] [--cpu-slots] [--no-deploy] [--auth]
 
-Every command takes --state-dir (default ./.pipeline), the home of the embedded defaults:
-the MLflow database and artifacts, the local object store, and Prefect's database.
+Every command takes --state-dir (default ./.pipeline), before or after the command's
+name: the home of the embedded defaults, the MLflow database and artifacts, the local
+object store, and Prefect's database.
 """
 
 from __future__ import annotations
@@ -18,22 +20,36 @@ import sys
 from pathlib import Path
 
 DEFAULT_COMPETITION_NAME = "validation-as-competition.pkl"
+FLOW_COMMANDS = {"run", "train", "score"}  # they run Prefect flows in this process
+CHAMPION_URI = "models:/cifar10-resnet@champion"
+STATE_DIR_HELP = ("home of the embedded defaults: MLflow database and artifacts, object "
+                  "store, Prefect database (default $CIFAR_STATE_DIR, else ./.pipeline)")
 
 
 def _configure_environment(state_dir: str | None) -> Path:
-    """Set before prefect or mlflow are imported: both read their settings at import."""
+    """Set before prefect or mlflow are imported: both read their settings at import.
+    Raises StateDirError (a ValueError) for a state directory that cannot be used."""
+    from tasks.settings import bypass_proxy_for_loopback, check_state_dir, sqlite_uri
+
     state = Path(state_dir or os.environ.get("CIFAR_STATE_DIR") or ".pipeline").resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    check_state_dir(state)
     os.environ["CIFAR_STATE_DIR"] = str(state)
     if not os.environ.get("PREFECT_API_URL"):
         # The embedded default: an in-process Prefect API whose database lives here too.
-        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+        home = Path(os.environ.setdefault("PREFECT_HOME", str(state / "prefect")))
+        if not (os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+                or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
+            # Prefect pastes PREFECT_HOME into its URL unquoted: a `?` or `%` in the path
+            # would put the database somewhere else.
+            os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = sqlite_uri(
+                home / "prefect.db", "sqlite+aiosqlite")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # model/ logs batch progress through the standard logging module; show it in the runs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "model")
     # The first start migrates a fresh SQLite database; a busy laptop needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    bypass_proxy_for_loopback()
     return state
 
 
@@ -43,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _configure_environment(args.state_dir)
+    try:
+        state = _configure_environment(args.state_dir)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     import logging
 
     logging.getLogger("model").setLevel(logging.INFO)  # batch progress of slow epochs
@@ -54,6 +74,55 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if getattr(args, "run_key", False) is None:
+        # Known from the start, so that an interrupt or a failure can say how to resume.
+        import uuid
+
+        args.run_key = uuid.uuid4().hex[:12]
+    from flows import interrupts
+    from tasks.settings import Settings, remove_stray_sqlite_dir
+
+    def tidy() -> None:
+        remove_stray_sqlite_dir(Settings.from_env().tracking_uri)
+
+    resume = (interrupts.resume_command(argv, state, args.run_key)
+              if getattr(args, "run_key", None) else None)
+    server: list = []  # the embedded Prefect server, left to stop last
+    guard = interrupts.InterruptGuard(
+        lambda guard: interrupts.interrupted_line(guard, args.command, resume),
+        owns_process=argv is None,  # the console script, not a caller in its own process
+        keep_pids=lambda: {s.server_process.pid for s in server if s.server_process},
+        on_exit=tidy)
+    with guard:
+        try:
+            from tasks.metrics import TrackingUnavailableError
+            from tasks.settings import check_tracking_server
+
+            try:
+                # Before the seconds of importing and starting Prefect.
+                check_tracking_server(Settings.from_env().tracking_uri)
+            except TrackingUnavailableError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            if args.command in FLOW_COMMANDS and guard.owns_process:
+                # A caller in its own process keeps Prefect as it has set it up.
+                guard.hear_prefect_sigterm()
+                server[:] = [s for s in [interrupts.install_embedded_prefect(state)] if s]
+            return args.handler(args)
+        except BaseException as exc:
+            if guard.signum is not None or isinstance(exc, KeyboardInterrupt):
+                return guard.interrupted(exc)
+            message = _error_message(exc, resume)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 1
+        finally:
+            tidy()
+
+
+def _error_message(exc: BaseException, resume: str | None) -> str | None:
+    """The one line for a failure the user can act on; None for a bug (a traceback)."""
     from pydantic import ValidationError
 
     from flows.train import JobsFailedError
@@ -61,21 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     from model.data import InvalidInputError
     from tasks.metrics import TrackingUnavailableError
     from tasks.registry import RegistryError
+    from tasks.settings import disk_error_message
     from tasks.storage import StorageError
 
-    try:
-        return args.handler(args)
-    except (ValidationError, InvalidInputError, RegistryError, StorageError, CheckpointError,
-            JobsFailedError, TrackingUnavailableError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    resumable = isinstance(exc, JobsFailedError | TrackingUnavailableError)
+    if resumable or isinstance(exc, ValidationError | InvalidInputError | RegistryError
+                               | StorageError | CheckpointError | ValueError):
+        message = str(exc)
+    else:  # a disk that filled up or turned read-only under a running command
+        message = disk_error_message(exc)
+        if message is None:
+            return None
+        resumable = True
+    # The checkpoints of finished epochs are kept under the run key.
+    return f"{message}; to resume: {resume}" if resumable and resume else message
 
 
 def cmd_run(args) -> int:
     import numpy as np
 
-    from flows.train import TrainConfig, train
-    from model.data import load_dataset, write_competition_pickle
+    from flows.config import data_config
+    from flows.train import TrainResnetsConfig, train
+    from model.data import write_competition_pickle
     from model.profiles import resolve_profile
     from tasks.data import resolve_source
     from tasks.settings import Settings
@@ -83,19 +159,18 @@ def cmd_run(args) -> int:
     settings = Settings.from_env()
     profile, why = resolve_profile(args.profile)
     print(why, flush=True)
-    config = TrainConfig(
-        variants=args.variants.split(","), recipe=args.recipe, data_source=args.data,
+    config = TrainResnetsConfig(
+        variants=args.variants, recipe=args.recipe, data_source=args.data,
         val_size=profile.val_size, train_size=profile.train_size, seeds=[args.seed],
         **profile.overrides_for(args.recipe), score_after=True,
-        competition_file=args.competition_file,
+        competition_file=args.competition_file, run_key=args.run_key,
     )
     self_check = None
     if args.competition_file is None:
         # Score the validation split in the competition's format, so that the end of the
         # job can say how accurate the submitted file would be.
-        source, _ = resolve_source(config.data_source)
-        data = load_dataset(source, val_size=config.val_size, train_size=config.train_size,
-                            seed=config.split_seed, cache_dir=settings.cache_dir)
+        source, _ = resolve_source(config.data_source, settings)
+        data = data_config(config).load(source, cache_dir=settings.cache_dir)
         path = settings.state_dir / "selfcheck" / f"{data.val.digest[:16]}.pkl"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_competition_pickle(path, np.arange(len(data.val)), data.val.images)
@@ -107,20 +182,28 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from flows.train import TrainConfig, train
+    from flows.config import given
+    from flows.train import TrainResnetsConfig, train
     from tasks.settings import Settings
 
-    fields = dict(variants=args.variants.split(","), recipe=args.recipe, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, data_source=args.data,
-                  val_size=args.val_size, train_size=args.train_size, device=args.device,
-                  seeds=[int(s) for s in args.seeds.split(",")], compile=args.compile,
-                  compile_mode=args.compile_mode, ema=args.ema, run_key=args.run_key)
-    summary = train(TrainConfig(**{k: v for k, v in fields.items() if v is not None}))
+    summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig)))
     _print_summary(summary, Settings.from_env(), None)
     return 0
 
 
+def check_score_input(args) -> None:
+    """The competition file, read and checked in about a second (torch, mlflow and
+    prefect unimported): bad input is refused before anything slow starts. Raises
+    InvalidInputError. `score`'s `precheck`."""
+    from model.data import read_competition_pickle
+
+    read_competition_pickle(args.input)
+
+
 def cmd_score(args) -> int:
+    # Before the flow starts Prefect (and, without a server, its temporary API: tens of
+    # seconds). The flow reads and checks the file again.
+    check_score_input(args)
     from flows.score import ScoreConfig, score
 
     result = score(ScoreConfig(model_uri=args.model_uri, input_uri=args.input,
@@ -156,6 +239,13 @@ def cmd_models(args) -> int:
               f"{(f'{100 * float(acc):.2f}%' if acc else '-'):>8}  "
               f"{', '.join(sorted(by_version.get(str(mv.version), []))):<24} {mv.run_id}")
     return 0
+
+
+def cmd_predict(args) -> int:
+    from flows.predict import run
+
+    return run(args.inputs, args.model_uri, tta=not args.no_tta, device=args.device,
+               as_json=args.json, out=sys.stdout, err=sys.stderr)
 
 
 def cmd_stack(args) -> int:
@@ -215,54 +305,80 @@ def _csv_accuracy(score: dict, labels) -> float:
     return float((predicted == labels[ids]).mean())
 
 
+def _variants(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    # The form's own fields, generated: a new training option appears here by itself.
+    # Imported here, not at the top: pydantic and the model config cost little, and
+    # `stack` needs neither.
+    from flows.config import TrainResnetsConfig, add_form_arguments
+
+    add_form_arguments(parser, TrainResnetsConfig, aliases={"data_source": "--data"})
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which registered model predicts, and how: `score` and `predict` alike."""
+    parser.add_argument("--model-uri", default=CHAMPION_URI, help="models:/NAME@ALIAS or "
+                        f"models:/NAME/VERSION (default {CHAMPION_URI})")
+    parser.add_argument("--no-tta", action="store_true", help="predict each image as it is, "
+                        "without averaging it with its mirror image")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, "
+                        "cuda or cuda:N (default auto)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-pipeline", description=__doc__.split("\n")[0])
-    p.add_argument("--state-dir", help="home of the embedded defaults (default ./.pipeline)")
+    p.add_argument("--state-dir", help=STATE_DIR_HELP)
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="the main job: train both variants, promote, score")
-    run.add_argument("--profile", default="auto", choices=["auto", "smoke", "quick", "full"])
+    run.add_argument("--profile", default="auto", choices=["auto", "smoke", "quick", "full"],
+                     help="training budget: auto = full on a GPU, quick on a CPU")
     run.add_argument("--competition-file", help="competition pickle to score (default: the "
                      "validation split in that format, as a self-check)")
     run.add_argument("--data", help="training data (default $CIFAR10_SOURCE, else download)")
-    run.add_argument("--recipe", default="fast", choices=["reference", "paper", "fast"])
-    run.add_argument("--variants", default="deep,light")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--recipe", default="fast", choices=["reference", "paper", "fast"],
+                     help="training recipe (default fast)")
+    run.add_argument("--variants", default=["deep", "light"], type=_variants,
+                     help="networks to train, comma-separated (default deep,light)")
+    run.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    run.add_argument("--run-key", help="rerun with the key of an interrupted run to resume it "
+                     "from its checkpoints (default: a new key per run)")
     run.set_defaults(handler=cmd_run)
 
-    tr = sub.add_parser("train", help="train, register and promote")
-    tr.add_argument("--variants", default="deep,light")
-    tr.add_argument("--recipe", default="fast", choices=["reference", "paper", "fast"])
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--seeds", default="0")
-    tr.add_argument("--data")
-    tr.add_argument("--val-size", type=int)
-    tr.add_argument("--train-size", type=int)
-    tr.add_argument("--device")
-    tr.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="torch.compile the training step (default: on for paper and fast on CUDA)")
-    tr.add_argument("--compile-mode", help="default, reduce-overhead (CUDA graphs), "
-                    "max-autotune or max-autotune-no-cudagraphs")
-    tr.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.999")
-    tr.add_argument("--run-key", help="share checkpoints with an earlier run to resume it")
+    tr = sub.add_parser("train", help="train, register and promote; every option of the "
+                        "train-resnets flow's form")
+    _add_train_options(tr)
     tr.set_defaults(handler=cmd_train)
 
     sc = sub.add_parser("score", help="predict a competition file with a registered model")
-    sc.add_argument("--input", required=True, help="competition pickle: path or s3:// URI")
-    sc.add_argument("--model-uri", default="models:/cifar10-resnet@champion")
-    sc.add_argument("--output", default="predictions")
-    sc.add_argument("--no-tta", action="store_true")
-    sc.add_argument("--device", default="auto")
-    sc.set_defaults(handler=cmd_score)
+    sc.add_argument("--input", required=True, help="competition pickle: path, file:// or "
+                    "s3:// URI; checked before anything starts")
+    sc.add_argument("--output", default="predictions", help="a key prefix in the object "
+                    "store, or a full s3:// or file:// URI (default predictions)")
+    _add_model_options(sc)
+    sc.set_defaults(handler=cmd_score, precheck=check_score_input)
+
+    pr = sub.add_parser("predict", help="classify image files (PNG, JPEG), folders of them "
+                        "or a competition pickle, and print a table")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file of any size "
+                    "(centre-cropped square, resized to 32x32), a folder (its *.png, *.jpg, "
+                    "*.jpeg) or a competition pickle (*.pkl, or an s3:// URI)")
+    pr.add_argument("--json", action="store_true", help="print JSON (the model, each "
+                    "image's class, confidence and ten probabilities, the failed inputs)")
+    _add_model_options(pr)
+    pr.set_defaults(handler=cmd_predict)
 
     md = sub.add_parser("models", help="list registered versions and aliases")
     md.set_defaults(handler=cmd_models)
 
     st = sub.add_parser("stack", help="local Prefect, MLflow and S3 servers plus workers "
                         "(infra/stack.py)")
-    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("action", choices=["up", "down", "status"], help="up: start the servers "
+                    "and workers; down: stop them; status: URLs, pids, health (exit 1 unless "
+                    "all ok)")
     st.add_argument("--workers", type=int, help="gpu-pool workers (up; default one per GPU, "
                     "else 2 CPU slots)")
     st.add_argument("--cpu-slots", action="store_true", help="workers without a GPU (up)")
@@ -270,6 +386,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--auth", action="store_true", help="MLflow basic-auth and a Prefect "
                     "API auth string (up)")
     st.set_defaults(handler=cmd_stack)
+
+    for command in sub.choices.values():
+        # After the command's name too; SUPPRESS keeps a value given before it.
+        command.add_argument("--state-dir", default=argparse.SUPPRESS, help=STATE_DIR_HELP)
     return p
 
 

@@ -91,8 +91,8 @@ class TrainResnetsConfig(TrainingOptions, DataOptions):
     score_after: bool = Field(False, description="score the competition file after promotion")
     competition_file: str | None = Field(None, description="input of the scoring step")
     run_key: str | None = Field(
-        None, description="runs with the same key share checkpoints and child runs; default: "
-        "the flow run id")
+        None, description="runs with the same key share checkpoints and child runs: rerun "
+        "with the key of an interrupted run to resume it; default: a new key per run")
     dispatch: Literal["local", "pool"] = Field(
         "local", description="local: train in this process; pool: one child flow run per "
         "job on the GPU work pool (deployment train-variant)")

@@ -31,6 +31,7 @@ from infra.procs import (
     tool,
     write_text,
 )
+from tasks.settings import sqlite_uri
 
 HOST = "127.0.0.1"  # every service binds here: nothing is reachable from other machines
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def mlflow_auth_config(stack: Stack, secret: Mapping[str, str]) -> Path:
     write_text(path, "\n".join([
         "[mlflow]",
         "default_permission = READ",
-        f"database_uri = sqlite:///{stack.root / 'mlflow-auth.db'}",
+        f"database_uri = {sqlite_uri(stack.root / 'mlflow-auth.db')}",
         f"admin_username = {MLFLOW_USER}",
         f"admin_password = {secret['mlflow_admin_password']}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
@@ -255,7 +256,8 @@ def service_spec(stack: Stack, name: str) -> Spec:
         home.mkdir(parents=True, exist_ok=True)
         env.update(
             PREFECT_HOME=str(home),
-            PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite_uri(home / "prefect.db",
+                                                              "sqlite+aiosqlite"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             # The UI's browser code calls this URL; its default is port 4200.
             PREFECT_UI_API_URL=f"{stack.prefect_api}",
@@ -275,7 +277,7 @@ def service_spec(stack: Stack, name: str) -> Spec:
         if stack.s3_external is None:
             env.update(moto_env(stack))
         argv = [tool("mlflow"), "server", "--host", HOST, "--port", port,
-                "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
+                "--backend-store-uri", sqlite_uri(stack.root / "mlflow.db"),
                 "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts",
                 "--workers", "1"]
         if stack.auth:

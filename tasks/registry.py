@@ -88,11 +88,12 @@ def register(
         return _register(network, variant=variant, tags=tags, tta=tta, name=name,
                          metrics=dict(metrics or {}), config=dict(config or {}), data=data)
     except (MlflowException, OSError, requests.RequestException) as exc:
-        raise RegistrationError(
-            f"could not register a {variant} version of {name!r} at "
-            f"{mlflow.get_tracking_uri()}: {exc}. The checkpoint is kept: rerun with the "
-            "same run key once the tracking server is back"
-        ) from exc
+        from tasks.settings import disk_error_message
+
+        why = disk_error_message(exc) or (f"{exc}. The checkpoint is kept: rerun with the "
+                                          "same run key once the tracking server is back")
+        raise RegistrationError(f"could not register a {variant} version of {name!r} at "
+                                f"{mlflow.get_tracking_uri()}: {why}") from exc
 
 
 def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], tta: bool,

@@ -12,13 +12,24 @@ cluster the same variables point at shared services instead.
 | CIFAR_OBJECT_STORE | file://<state>/objects | predictions, checkpoints; or s3://bucket/prefix |
 | CIFAR10_SOURCE | torchvision's download | the training data |
 | CIFAR10_CACHE_DIR | <state>/cache | decoded-array cache |
+| CIFAR_COMPETITION_FILE | none | default input of the scoring flow |
+| CIFAR_METRICS_FLUSH_SECONDS | 300 | how long a finished run waits for MLflow to take its metrics |
+| MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING | true | CPU, memory and GPU use of each training run |
+| CIFAR_TRACKING_TIMEOUT_SECONDS | 30 | how long a start waits for a tracking server to answer |
+| CIFAR_MIN_FREE_MB | 256 | free space the state directory needs before a command starts |
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 EXPERIMENT = "cifar10-resnet"
 REGISTERED_MODEL = "cifar10-resnet"
@@ -32,6 +43,10 @@ class Settings:
     object_store: str
     data_source: str | None
     cache_dir: Path
+    competition_file: str | None = None
+    metrics_flush_seconds: float = 300.0
+    system_metrics: bool = True
+    cuda_visible_devices: str = ""  # recorded with each run: which GPU a worker was given
 
     @classmethod
     def from_env(cls, state_dir: str | os.PathLike | None = None) -> Settings:
@@ -39,11 +54,16 @@ class Settings:
         state = Path(state_dir or env.get("CIFAR_STATE_DIR") or ".pipeline").resolve()
         return cls(
             state_dir=state,
-            tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state / 'mlflow.db'}",
+            tracking_uri=env.get("MLFLOW_TRACKING_URI") or sqlite_uri(state / "mlflow.db"),
             artifact_root=env.get("CIFAR_ARTIFACT_ROOT") or (state / "mlartifacts").as_uri(),
             object_store=env.get("CIFAR_OBJECT_STORE") or (state / "objects").as_uri(),
             data_source=env.get("CIFAR10_SOURCE") or None,
             cache_dir=Path(env.get("CIFAR10_CACHE_DIR") or state / "cache"),
+            competition_file=env.get("CIFAR_COMPETITION_FILE") or None,
+            metrics_flush_seconds=float(env.get("CIFAR_METRICS_FLUSH_SECONDS") or 300),
+            system_metrics=(env.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") or "true").lower()
+            not in ("false", "0"),
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""),
         )
 
     def apply(self) -> None:
@@ -51,15 +71,196 @@ class Settings:
         import mlflow
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        check_tracking_server(self.tracking_uri)
         mlflow.set_tracking_uri(self.tracking_uri)
-        client = mlflow.MlflowClient()
-        if client.get_experiment_by_name(EXPERIMENT) is None:
-            # A local database keeps its artifacts beside it; a server decides for itself.
-            location = self.artifact_root if self.tracking_uri.startswith("sqlite") else None
+        # The first use of a fresh SQLite file creates MLflow's schema; two processes doing
+        # that at once fail with "table ... already exists".
+        with _schema_lock(self.tracking_uri):
+            client = mlflow.MlflowClient()
+            if client.get_experiment_by_name(EXPERIMENT) is None:
+                # A local database keeps its artifacts beside it; a server decides for itself.
+                location = self.artifact_root if self.tracking_uri.startswith("sqlite") else None
+                try:
+                    client.create_experiment(EXPERIMENT, artifact_location=location)
+                except Exception:
+                    # Another process created it first.
+                    if client.get_experiment_by_name(EXPERIMENT) is None:
+                        raise
+            mlflow.set_experiment(EXPERIMENT)
+
+
+def sqlite_uri(path: Path, driver: str = "sqlite") -> str:
+    """A SQLAlchemy URL for the SQLite file `path`. SQLAlchemy ends the path at a `?` and
+    percent-decodes it, so a directory named `a?b` or `50%` must be quoted to stay itself;
+    other characters stay as they are, readable."""
+    quoted = "".join(f"%{ord(c):02X}" if c in "%?#" else c for c in str(path))
+    return f"{driver}:///{quoted}"
+
+
+def remove_stray_sqlite_dir(tracking_uri: str) -> None:
+    """MLflow creates the directory of a SQLite URI's path without decoding it: for a
+    state directory named `a?b`, an empty `a%3Fb` beside it. Remove it if it is empty."""
+    from sqlalchemy.engine import make_url
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    literal = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    if literal != Path(make_url(tracking_uri).database or "").parent:
+        with contextlib.suppress(OSError):
+            literal.rmdir()
+
+
+# ------------------------------------------------------------------ fast, clear failures
+
+
+_FREE_SPACE = "free some space, or pass --state-dir a directory on another disk"
+_WRITABLE = "make it writable, or pass --state-dir a writable directory"
+
+
+class StateDirError(ValueError):
+    """The state directory cannot hold the pipeline's state: a file, read-only, or full."""
+
+
+def check_state_dir(state: Path) -> None:
+    """Refuse, in milliseconds and naming the cause, a state directory that Prefect and
+    MLflow would otherwise fail on after minutes of retries: a file, a directory that
+    cannot be written, or a disk without room for the databases and checkpoints."""
+    if state.exists() and not state.is_dir():
+        raise StateDirError(f"the state directory {state} is a file: pass --state-dir a "
+                            "directory (it is created if missing)")
+    probe = state / f".write-probe-{os.getpid()}"
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:  # a write that reaches the disk, as SQLite's do
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise StateDirError(
+            f"cannot use the state directory: {disk_error_message(exc, state) or exc}"
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    need_mb = float(os.environ.get("CIFAR_MIN_FREE_MB") or 256)
+    free_mb = shutil.disk_usage(state).free / 2**20
+    if free_mb < need_mb:
+        raise StateDirError(
+            f"only {free_mb:.0f} MB free on the disk of the state directory {state}, "
+            f"{need_mb:.0f} MB needed (CIFAR_MIN_FREE_MB) for the databases, checkpoints "
+            f"and models: {_FREE_SPACE}")
+
+
+_DISK_ERRORS = {  # errno: (the problem, what to do)
+    errno.ENOSPC: ("no space left on the disk", _FREE_SPACE),
+    errno.EDQUOT: ("the disk quota is exhausted", _FREE_SPACE),
+    errno.EROFS: ("on a read-only filesystem", _WRITABLE),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("permission denied", _WRITABLE),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "fix the path"),
+}
+
+
+def disk_error_message(exc: BaseException | None, where: Path | None = None) -> str | None:
+    """One line naming the disk problem behind `exc` (or an error it was raised from)
+    and what to do, or None when the cause is not the disk."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            problem, advice = _DISK_ERRORS[exc.errno]
+            return f"{where or exc.filename or 'a file'}: {problem}: {advice}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def bypass_proxy_for_loopback() -> None:
+    """The embedded Prefect API and the local stack listen on 127.0.0.1; a proxy set up
+    for the outside world cannot reach them, and asking it makes every call hang or fail."""
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+    if not any(os.environ.get(n) or os.environ.get(n.lower()) for n in names):
+        return
+    entries = [e.strip() for n in ("NO_PROXY", "no_proxy")
+               for e in os.environ.get(n, "").split(",") if e.strip()]
+    entries += [h for h in ("127.0.0.1", "localhost", "::1") if h not in entries]
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(dict.fromkeys(entries))
+
+
+def tracking_timeout() -> float:
+    return float(os.environ.get("CIFAR_TRACKING_TIMEOUT_SECONDS") or 30)
+
+
+def check_tracking_server(uri: str, timeout: float | None = None) -> None:
+    """Wait up to `timeout` seconds for an HTTP tracking server to answer, then raise
+    TrackingUnavailableError naming it. MLflow's own client would retry for minutes
+    (120 s read timeouts, seven retries with backoff) before a raw traceback."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tasks.metrics import TrackingUnavailableError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    timeout = tracking_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(uri)
+    # Credentials in the URL are MLflow's to send; any HTTP answer will do here (a server
+    # with basic auth answers 401).
+    health = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2],
+                         parts.path.rstrip("/") + "/health", "", ""))
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError | socket.timeout):
+                problem = f"accepted the connection but did not answer within {timeout:g} s"
+            elif time.monotonic() < deadline:
+                # Refused: perhaps starting. Try again until the deadline.
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            else:
+                problem = f"is unreachable ({reason})"
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {uri} {problem}: start it (`cifar-pipeline stack "
+            "up`), fix MLFLOW_TRACKING_URI, or unset it to use the local database; "
+            "CIFAR_TRACKING_TIMEOUT_SECONDS sets how long to wait")
+
+
+@contextlib.contextmanager
+def _schema_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold a lock beside a SQLite tracking database; other stores need none."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database if tracking_uri.startswith("sqlite") else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with file_lock(Path(database).with_name(Path(database).name + ".lock")):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = 300.0) -> Iterator[None]:
+    """An exclusive lock between processes (flock: released if its holder dies)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                client.create_experiment(EXPERIMENT, artifact_location=location)
-            except Exception:
-                # Another process created it first.
-                if client.get_experiment_by_name(EXPERIMENT) is None:
-                    raise
-        mlflow.set_experiment(EXPERIMENT)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StateDirError(
+                        f"another process has held {path} for {timeout:g} s while creating "
+                        "a database there: stop it, or use another --state-dir") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

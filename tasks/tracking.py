@@ -1,35 +1,98 @@
-"""MLflow runs that end without hiding why they ended.
+"""MLflow runs that end without hiding why they ended, and never stay RUNNING.
 
 `mlflow.start_run` used as a context manager records the run's end on the tracking server
 when the block exits. If the block failed because that server is unreachable, recording
 the end fails too, and its exception replaces the one that says what went wrong.
 `tracked_run` keeps the original error and only warns that the run's status could not be
 recorded (the run then reads RUNNING until someone ends it).
+
+A run that fails also drops the models it had started to log and not finished (status
+PENDING or FAILED): a disk that filled up, or a Ctrl-C, in the middle of `log_model` must
+not leave a truncated weights file behind that looks like a model. An interrupt (Ctrl-C,
+SIGTERM) ends the run KILLED rather than FAILED. The runs open in this process are
+listed, so that a command forced to exit can still end them (`end_open_runs`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import LoggedModelStatus, RunStatus
 
 log = logging.getLogger(__name__)
+
+_open_runs: dict[str, str] = {}  # run id -> tracking URI, of runs begun and not yet ended
+_open_lock = threading.Lock()
 
 
 @contextmanager
 def tracked_run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run(**start_kwargs)`; ends the run FINISHED or FAILED."""
+    """`mlflow.start_run(**start_kwargs)`; ends the run FINISHED, FAILED or KILLED."""
     run = mlflow.start_run(**start_kwargs)
+    run_id = run.info.run_id
+    with _open_lock:
+        _open_runs[run_id] = mlflow.get_tracking_uri()
     try:
         yield run
-    except BaseException:
+    except BaseException as exc:
+        # Exception: a failure; anything else (KeyboardInterrupt, SystemExit, Prefect's
+        # TerminationSignal) is the process being stopped.
+        status = RunStatus.FAILED if isinstance(exc, Exception) else RunStatus.KILLED
         try:
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        except Exception as exc:  # the failure being raised is the news, not this one
-            log.warning("could not mark MLflow run %s failed: %s", run.info.run_id, exc)
+            discard_unfinished_models(run)
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as end_exc:  # the failure being raised is the news, not this one
+            log.warning("could not mark MLflow run %s %s: %s", run_id,
+                        RunStatus.to_string(status), end_exc)
         raise
+    finally:
+        with _open_lock:
+            _open_runs.pop(run_id, None)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def discard_unfinished_models(run: mlflow.ActiveRun) -> list[str]:
+    """Delete the models `run` began to log and did not finish, with their files; return
+    their ids. A model is finished (READY) once all its files were written. The run's
+    models are known in memory (`log_model` records them there), so a run that logged
+    none costs no request to a tracking server that may be the reason it failed."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    outputs = run.outputs.model_outputs if run.outputs else []
+    client = mlflow.MlflowClient()
+    dropped = []
+    for output in outputs:
+        model = client.get_logged_model(output.model_id)
+        if model.status == LoggedModelStatus.READY:
+            continue
+        if model.artifact_location:
+            try:
+                get_artifact_repository(model.artifact_location).delete_artifacts()
+            except Exception as exc:  # the model is still marked deleted below
+                log.warning("could not delete the files of unfinished model %s: %s",
+                            model.model_id, exc)
+        client.delete_logged_model(model.model_id)
+        dropped.append(model.model_id)
+    return dropped
+
+
+def end_open_runs(status: str = "KILLED") -> list[str]:
+    """End every run that `tracked_run` opened in this process and has not ended: for a
+    command that must exit before its own code could end them. Returns their ids."""
+    with _open_lock:
+        runs = dict(_open_runs)
+    ended = []
+    for run_id, uri in runs.items():
+        try:
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+                ended.append(run_id)
+        except Exception as exc:
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+    return ended

@@ -67,7 +67,7 @@ def test_a_throttled_endpoint_is_retried_and_the_data_loads(
 def test_an_endpoint_that_stays_broken_fails_after_the_retries(
         uploaded, proxy, attempts, tmp_path, monkeypatch, prefect_harness):
     proxy.fail_all(500)
-    with pytest.raises(SourceUnavailableError, match="cannot reach s3://data/train.parquet"):
+    with pytest.raises(SourceUnavailableError, match=r"cannot reach s3://data/train\.parquet"):
         _prepare(tmp_path, "train.parquet", proxy, monkeypatch)
     assert len(attempts) == 3
 

@@ -164,8 +164,10 @@ def test_the_fast_schedule_warms_up_then_decays(tiny):
     assert lrs[1] > lrs[2] > lrs[3] >= 0
 
 
-@pytest.mark.parametrize(("recipe", "ema"), [("reference", 0.0), ("paper", 0.0),
-                                             ("fast", 0.0), ("fast", 0.9)])
+@pytest.mark.parametrize(("recipe", "ema"), [
+    # The report's PIL pipeline takes seconds even on this data.
+    pytest.param("reference", 0.0, marks=pytest.mark.slow),
+    ("paper", 0.0), ("fast", 0.0), ("fast", 0.9)])
 def test_an_interrupted_run_resumes_to_exactly_the_same_weights(recipe, ema, tiny, tmp_path):
     config = cpu_config(recipe, epochs=3, ema=ema)
     straight = fit(config, tiny, checkpoint_dir=tmp_path / "a")
@@ -319,6 +321,7 @@ def test_paper_and_fast_compile_on_cuda_by_default_and_a_setting_wins():
         TrainConfig(recipe="fast", compile_mode="fastest")
 
 
+@pytest.mark.slow  # a few seconds of graph capture and AOT autograd
 def test_a_compiled_step_trains_like_the_eager_one(tiny, monkeypatch, fresh_dynamo):
     eager = fit(cpu_config("fast", epochs=2), tiny)
     graphs: list = []
