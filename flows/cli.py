@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         on_exit=tidy)
     with guard:
         try:
+            if precheck := getattr(args, "precheck", None):
+                precheck(args)  # bad input is refused before anything slow starts
             from tasks.metrics import TrackingUnavailableError
             from tasks.settings import check_tracking_server
 
@@ -123,19 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error_message(exc: BaseException, resume: str | None) -> str | None:
     """The one line for a failure the user can act on; None for a bug (a traceback)."""
-    from pydantic import ValidationError
-
-    from flows.train import JobsFailedError
-    from model.checkpoint import CheckpointError
-    from model.data import InvalidInputError
-    from tasks.metrics import TrackingUnavailableError
-    from tasks.registry import RegistryError
     from tasks.settings import disk_error_message
-    from tasks.storage import StorageError
 
-    resumable = isinstance(exc, JobsFailedError | TrackingUnavailableError)
-    if resumable or isinstance(exc, ValidationError | InvalidInputError | RegistryError
-                               | StorageError | CheckpointError | ValueError):
+    resumable = (_raised(exc, "flows.train", "JobsFailedError")
+                 or _raised(exc, "tasks.metrics", "TrackingUnavailableError"))
+    if resumable or isinstance(exc, ValueError) or any(  # ValueError: input, configs
+            _raised(exc, module, name) for module, name in USER_ERRORS):
         message = str(exc)
     else:  # a disk that filled up or turned read-only under a running command
         message = disk_error_message(exc)
@@ -144,6 +139,17 @@ def _error_message(exc: BaseException, resume: str | None) -> str | None:
         resumable = True
     # The checkpoints of finished epochs are kept under the run key.
     return f"{message}; to resume: {resume}" if resumable and resume else message
+
+
+USER_ERRORS = (("tasks.registry", "RegistryError"), ("tasks.storage", "StorageError"),
+               ("model.checkpoint", "CheckpointError"))
+
+
+def _raised(exc: BaseException, module: str, name: str) -> bool:
+    """isinstance(exc, module.name) without importing the module: an exception of a class
+    exists only once its module is loaded, and a refusal must not wait for heavy imports."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls is not None and isinstance(exc, cls)
 
 
 def cmd_run(args) -> int:

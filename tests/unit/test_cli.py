@@ -44,3 +44,23 @@ def test_predict_takes_several_inputs_and_its_options():
                                  "--model-uri", "models:/cifar10-resnet/3"])
     assert args.inputs == ["a.png", "dir", "t.pkl"] and args.json and args.no_tta
     assert args.model_uri == "models:/cifar10-resnet/3" and args.device == "auto"
+
+
+def test_a_bad_competition_file_is_refused_before_prefect_mlflow_or_torch_load(tmp_path):
+    """The refusal of `score`'s input must not wait for the heavy imports (seconds) or the
+    embedded Prefect server: it runs first, and nothing heavy is imported by then."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({b"data": [1, 2], b"ids": [1]}))
+    code = ("import sys, flows.cli as cli; rc = cli.main(['score', '--input', sys.argv[1], "
+            "'--state-dir', sys.argv[2]]); "
+            "print(rc, sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip().splitlines()[-1] == "1 []", done.stdout + done.stderr
+    assert done.stderr.startswith("error: ") and "bad.pkl" in done.stderr
