@@ -39,9 +39,9 @@ def attempts(monkeypatch) -> list[str]:
     seen: list[str] = []
     real = DataConfig.load
 
-    def counting(self, source=None, cache_dir=None):
+    def counting(self, source=None, cache_dir=None, shared_cache=None):
         seen.append(source)
-        return real(self, source, cache_dir)
+        return real(self, source, cache_dir, shared_cache)
 
     monkeypatch.setattr(DataConfig, "load", counting)
     return seen
