@@ -50,12 +50,18 @@ SCRIPT = textwrap.dedent("""
             if len(calls) == 2:  # the second epoch's checkpoint: half of it, then hang
                 f.write(b"half a checkpoint")
                 f.flush()
-                print("WRITING", flush=True)
+                # One write: this runs on the checkpoint thread while the training thread
+                # prints its epochs, and print() writes the text and its newline apart.
+                sys.stdout.write("WRITING\\n")
+                sys.stdout.flush()
                 time.sleep(600)
             return real_save(obj, f, *a, **k)
         torch.save = torn
-    result = fit(config, data, checkpoint_dir=ckpt_dir,
-                 on_epoch_end=lambda m: print("EPOCH", int(m["epoch"]), flush=True))
+    def epoch_done(m):
+        sys.stdout.write(f"EPOCH {int(m['epoch'])}\\n")
+        sys.stdout.flush()
+
+    result = fit(config, data, checkpoint_dir=ckpt_dir, on_epoch_end=epoch_done)
     torch.save({k: v for k, v in result.model.state_dict().items()}, out)
     print("RESUMED_FROM", result.resumed_from_epoch, flush=True)
 """)
@@ -72,7 +78,7 @@ def _start(tmp_path: Path, ckpt: Path, mode: str, out: Path) -> subprocess.Popen
 def _wait_for(process: subprocess.Popen, marker: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     for line in process.stdout:
-        if line.startswith(marker):
+        if marker in line:
             return
         assert time.monotonic() < deadline, f"no {marker!r} within {timeout} s"
     raise AssertionError(f"the process ended before printing {marker!r}")
