@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import time
 import urllib.error
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,10 +49,23 @@ Api = Callable[..., object]
 # ------------------------------------------------------------------------ applying
 
 
+UNAVAILABLE_RETRY_SECONDS = 30.0  # a Prefect server that just started answers 503 a while
+
+
 def prefect_api(api_url: str, headers: dict[str, str]) -> Api:
     def call(path: str, *, method: str = "GET", body: object = None):
-        raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method, body=body,
-                    timeout=15)
+        # 503 comes before the server handles a request (its services still starting),
+        # so repeating even a POST cannot apply it twice.
+        deadline = time.monotonic() + UNAVAILABLE_RETRY_SECONDS
+        while True:
+            try:
+                raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method,
+                            body=body, timeout=15)
+                break
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
         return json.loads(raw) if raw else None
 
     return call

@@ -1,7 +1,7 @@
 """Failure alerts without a Prefect server: the receiver the local stack runs, the
 automations file (valid for Prefect, aimed at the pipeline's real flow names, its message
-valid JSON whatever the error says). tests/integration/test_alerts.py runs them on the
-stack."""
+valid JSON whatever the error says). tests/integration/test_failure_alerts_on_stack.py runs
+them on the stack."""
 
 from __future__ import annotations
 
@@ -117,3 +117,29 @@ def test_apply_without_a_webhook_url_says_what_to_set(monkeypatch, capsys):
     monkeypatch.delenv(alerts.WEBHOOK_ENV, raising=False)
     assert alerts.main(["apply"]) == 1
     assert f"error: {alerts.WEBHOOK_ENV} must be" in capsys.readouterr().err
+
+
+def test_a_starting_server_answering_503_is_waited_for_and_other_errors_are_not(monkeypatch):
+    """Right after a (re)start, Prefect answers 503 for a moment; `stack up` must not fail
+    on it. Any other refusal is reported at once."""
+    import urllib.error
+
+    answers = [503, 503, None]
+    calls = []
+
+    def fake_fetch(url, headers, **kwargs):
+        calls.append(url)
+        code = answers.pop(0)
+        if code is not None:
+            raise urllib.error.HTTPError(url, code, "Service Unavailable", None, None)
+        return b'{"ok": true}'
+
+    monkeypatch.setattr(alerts, "fetch", fake_fetch)
+    monkeypatch.setattr(alerts.time, "sleep", lambda seconds: None)
+    assert alerts.prefect_api("http://127.0.0.1:1/api", {})("/health") == {"ok": True}
+    assert len(calls) == 3
+
+    answers[:] = [422]
+    with pytest.raises(urllib.error.HTTPError, match="Service Unavailable"):
+        alerts.prefect_api("http://127.0.0.1:1/api", {})("/automations/", method="POST")
+    assert len(calls) == 4  # no retry
