@@ -156,6 +156,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from flows.config import data_config
+    from flows.summary import print_summary
     from flows.train import TrainResnetsConfig, train
     from model.data import write_competition_pickle
     from model.profiles import resolve_profile
@@ -183,17 +184,18 @@ def cmd_run(args) -> int:
         self_check = data.val.labels
         config = config.model_copy(update={"competition_file": str(path)})
     summary = train(config)
-    _print_summary(summary, settings, self_check)
+    print_summary(summary, settings, self_check)
     return 0
 
 
 def cmd_train(args) -> int:
     from flows.config import given
+    from flows.summary import print_summary
     from flows.train import TrainResnetsConfig, train
     from tasks.settings import Settings
 
     summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig)))
-    _print_summary(summary, Settings.from_env(), None)
+    print_summary(summary, Settings.from_env(), None)
     return 0
 
 
@@ -274,41 +276,6 @@ def cmd_stack(args) -> int:
         cmd += ["--workers", str(args.workers)]
     cmd += [flag for flag in ("--cpu-slots", "--no-deploy", "--auth") if up_only[flag]]
     return subprocess.call(cmd)
-
-
-def _print_summary(summary: dict, settings, self_check) -> None:
-    print("\nsummary")
-    rows = [("MLflow tracking", settings.tracking_uri),
-            ("MLflow parent run", summary["mlflow_run_id"]),
-            ("data digest", summary["data_digest"][:16])]
-    for job, version in summary["versions"].items():
-        rows.append((f"  {job}", f"version {version}, val acc "
-                                 f"{100 * summary['val_acc'][job]:.2f}%"))
-    rows.append(("champion", f"models:/cifar10-resnet@champion = version "
-                             f"{summary['champion']} ({summary['reason']})"))
-    score = summary.get("score")
-    if score:
-        rows.append(("predictions", score["files"]["predictions.csv"]["uri"]))
-        rows.append(("manifest", score["manifest_uri"]))
-        if self_check is not None:
-            accuracy = _csv_accuracy(score, self_check)
-            rows.append(("self-check", f"{100 * accuracy:.2f}% of the validation split "
-                                       "scored as a competition file"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
-
-
-def _csv_accuracy(score: dict, labels) -> float:
-    import numpy as np
-
-    from tasks.storage import open_store
-
-    text = open_store(score["store"]).get(f"{score['prefix']}/predictions.csv").decode()
-    rows = [line.split(",") for line in text.strip().splitlines()[1:]]
-    ids = np.array([int(r[0]) for r in rows])
-    predicted = np.array([int(r[1]) for r in rows])
-    return float((predicted == labels[ids]).mean())
 
 
 def _variants(text: str) -> list[str]:
