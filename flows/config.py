@@ -99,8 +99,9 @@ class TrainResnetsConfig(TrainingOptions, DataOptions):
     child_deployment: str = Field("train-variant/train-variant",
                                   description="the deployment that pool dispatch runs")
     start_timeout_seconds: float = Field(
-        900, gt=0, le=7 * 86_400, description="pool dispatch: a child not running by then "
-        "fails the run (no worker is taking the pool's work) and its children are cancelled")
+        900, gt=0, le=7 * 86_400, description="pool dispatch: when children wait this long "
+        "with none of them running (no worker is taking the pool's work), the run fails "
+        "and its children are cancelled; children queued behind running ones wait")
     timeout_seconds: float = Field(
         86_400, gt=0, le=30 * 86_400, description="pool dispatch: the longest wait for all "
         "children to end; then the run fails and cancels them")

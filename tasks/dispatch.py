@@ -3,9 +3,9 @@
 Children report through object storage (registered.json), so the parent needs no shared
 result storage with the workers. Each child is created with an idempotency key built from
 the run key and the job, so a retried or rerun parent attaches to the children it already
-started instead of starting a second set. The wait has two deadlines: a child that no
-worker has started by `start_timeout_seconds` fails the parent (and its children are
-cancelled), and so does a wait longer than `timeout_seconds`.
+started instead of starting a second set. The wait has two deadlines: when none of the
+children has run, started or ended for `start_timeout_seconds`, the parent fails (and
+its children are cancelled), and so does a wait longer than `timeout_seconds`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def run_on_pool(jobs: list[VariantJob], config, settings: Settings):
 
 
 def _wait(client, children, pool: str, config, logger) -> dict:
-    started_at = time.monotonic()
+    """Poll the children until all have ended. The start deadline is a stall clock: it
+    runs only while none of them runs, from the last time one started or ended, so
+    children that queue behind their siblings (the pool's concurrency limit: more jobs
+    than GPUs) wait as long as the siblings make progress."""
+    started_at = progress_at = time.monotonic()
     states, running = {}, set()
     while len(states) < len(children):
         for name, (_, run_id) in children.items():
@@ -86,19 +90,26 @@ def _wait(client, children, pool: str, config, logger) -> dict:
             state = client.read_flow_run(run_id).state
             if state is not None and state.is_final():
                 states[name] = state
+                running.discard(name)
+                progress_at = time.monotonic()
                 logger.info("%s ended %s", name, state.type.value)
             elif state is not None and state.type not in NOT_STARTED:
                 running.add(name)
-        waited = time.monotonic() - started_at
+            else:
+                running.discard(name)  # rescheduled: a crashed child's run is retried
+        now = time.monotonic()
+        if running:
+            progress_at = now
         waiting = [n for n in children if n not in states and n not in running]
-        if waiting and waited > config.start_timeout_seconds:
+        if waiting and now - progress_at > config.start_timeout_seconds:
             _cancel(client, children, states)
             raise DispatchError(
                 f"{', '.join(waiting)} did not start within {config.start_timeout_seconds:g} s "
                 f"on work pool {pool!r}: {_pool_health(client, pool)}; the children of this "
                 "run were cancelled. Start a worker (python infra/workers.py start --pool "
-                f"{pool}), then rerun with the same run key to resume")
-        if len(states) < len(children) and waited > config.timeout_seconds:
+                f"{pool}), or raise start_timeout_seconds if the pool is busy with other "
+                "runs, then rerun with the same run key to resume")
+        if len(states) < len(children) and now - started_at > config.timeout_seconds:
             _cancel(client, children, states)
             raise DispatchError(
                 f"the children on work pool {pool!r} did not all finish within "

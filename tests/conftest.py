@@ -28,20 +28,41 @@ STACK_CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
                  "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "CIFAR_STATE_DIR",
                  "CIFAR_OBJECT_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "CIFAR_ALERT_WEBHOOK_URL"]
-# Modules that use the local stack run last, in this order, on one stack: the end-to-end
-# tests expect a fresh registry, the stack fault tests only look at their own runs.
-STACK_MODULES = ["test_cluster_e2e.py", "test_stack_faults.py"]
+# The modules that use the local stack, in the order they run on it: the end-to-end tests
+# expect a fresh registry, the others only look at their own runs.
+STACK_MODULES = ["test_cluster_e2e.py", "test_stack_faults.py",
+                 "test_failure_alerts_on_stack.py", "test_ui_trigger.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules on the local stack first, in STACK_MODULES order: they are the longest
+    unit of work (see `pytest_xdist_make_scheduler`)."""
     def rank(item: pytest.Item) -> int:
-        if "local_stack" not in getattr(item, "fixturenames", ()):
-            return -1
         name = item.path.name
-        return STACK_MODULES.index(name) if name in STACK_MODULES else len(STACK_MODULES)
+        if "local_stack" not in getattr(item, "fixturenames", ()):
+            return len(STACK_MODULES)
+        if name not in STACK_MODULES:
+            raise pytest.UsageError(f"{name} uses the local stack: add it to STACK_MODULES "
+                                    "in tests/conftest.py, so that it runs on that stack's worker")
+        return STACK_MODULES.index(name)
 
     items.sort(key=rank)  # stable: the order within each group is kept
 
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile` (the default, in pyproject.toml), with the modules on the local
+    stack as one unit: each module runs whole on one worker, so its module-scoped servers
+    start once, and there is one local stack, not one per worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndStack(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "local-stack" if Path(module).name in STACK_MODULES else module
+
+    return ModulesAndStack(config, log)
 
 
 @pytest.fixture(scope="session")
