@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlflow
 import torch
-from prefect import flow, get_run_logger
+from prefect import allow_failure, flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -84,18 +84,18 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
 
 
 def _run_here(jobs: list[VariantJob], data, settings):
-    """In this process, through the task runner: one job after another on one device, side
-    by side, one per GPU, on several."""
+    """In this process, through the task runner: one job at a time on each device, the
+    devices side by side (one chain of jobs per GPU). A failed job does not stop the next
+    one on its device."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    jobs = _place_on_devices(jobs, gpus)
-    outcomes = {}
-    if gpus > 1:
-        futures = {job.name: fit_and_register.submit(job, data, settings) for job in jobs}
-        for name, future in futures.items():
-            outcomes[name] = _outcome(future.result)
-    else:
-        for job in jobs:  # one device: submitted one at a time, so they never share it
-            outcomes[job.name] = _outcome(fit_and_register.submit(job, data, settings).result)
+    futures, last_on = {}, {}
+    for job in _place_on_devices(jobs, gpus):
+        device = job.training.device if gpus > 1 else "the one device"
+        previous = last_on.get(device)
+        futures[job.name] = fit_and_register.submit(
+            job, data, settings, wait_for=[allow_failure(previous)] if previous else None)
+        last_on[device] = futures[job.name]
+    outcomes = {name: _outcome(future.result) for name, future in futures.items()}
     results = [r for r in outcomes.values() if isinstance(r, VariantResult)]
     failed = {n: f"{type(r).__name__}: {r}" for n, r in outcomes.items()
               if not isinstance(r, VariantResult)}
