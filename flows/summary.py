@@ -18,7 +18,7 @@ def print_summary(summary: dict, settings, self_check) -> None:
         rows.append(("predictions", score["files"]["predictions.csv"]["uri"]))
         rows.append(("manifest", score["manifest_uri"]))
         if self_check is not None:
-            accuracy = csv_accuracy(score, self_check)
+            accuracy = _csv_accuracy(score, self_check)
             rows.append(("self-check", f"{100 * accuracy:.2f}% of the validation split "
                                        "scored as a competition file"))
     width = max(len(k) for k, _ in rows)
@@ -26,7 +26,7 @@ def print_summary(summary: dict, settings, self_check) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def csv_accuracy(score: dict, labels) -> float:
+def _csv_accuracy(score: dict, labels) -> float:
     import numpy as np
 
     from tasks.storage import open_store

@@ -49,13 +49,13 @@ Api = Callable[..., object]
 # ------------------------------------------------------------------------ applying
 
 
-UNAVAILABLE_RETRY_SECONDS = 30.0  # a Prefect server that just started answers 503 a while
+# Prefect answers 503 for a database error it rolled back (on SQLite, SQLITE_BUSY: a busy or
+# just-restarted server), so repeating even a POST cannot apply it twice.
+UNAVAILABLE_RETRY_SECONDS = 30.0
 
 
 def prefect_api(api_url: str, headers: dict[str, str]) -> Api:
     def call(path: str, *, method: str = "GET", body: object = None):
-        # 503 comes before the server handles a request (its services still starting),
-        # so repeating even a POST cannot apply it twice.
         deadline = time.monotonic() + UNAVAILABLE_RETRY_SECONDS
         while True:
             try:
