@@ -1,5 +1,6 @@
 """S3Store: objects under `s3://bucket/prefix` on AWS or any S3-compatible endpoint
-(MinIO, Ceph, moto in tests), behind the ObjectStore interface."""
+(SeaweedFS, Ceph, GCS interoperability, R2; moto in tests), behind the ObjectStore
+interface."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from model.fileio import atomic_write, s3_endpoint_url
@@ -28,7 +29,7 @@ _CREDENTIAL_CODES = {
     "403",
     "Forbidden",
 }
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+_CONFLICT_CODES = {"PreconditionFailed"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _THROTTLE_CODES = {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500"}
 
@@ -50,13 +51,20 @@ class S3Store(ObjectStore):
     backoff, on throttling, 5xx and connection errors); what is left after them is
     raised as StorageError. Every put carries a SHA-256 checksum, which AWS checks
     against the bytes it received (moto stores it unchecked), and every get asks for it
-    back so botocore checks the bytes this side received.
+    back so botocore checks the bytes this side received. Endpoints that refuse checksum
+    headers (the GCS interoperability API, R2 and others under boto3 >= 1.36) need
+    `checksums="when_required"`, or AWS_REQUEST_CHECKSUM_CALCULATION=when_required (or
+    `request_checksum_calculation` in the AWS config file) when `checksums` is unset:
+    then puts carry a checksum only where the operation requires one.
 
     `if_absent=True` sends `If-None-Match: *`. AWS and moto honour it; an endpoint
     that ignores the header degrades to last-writer-wins, which is harmless where, as in
     this project, a conditional key is always written with identical content (manifests,
-    content-addressed files). Conditional puts always go as one PUT (S3 allows up to
-    5 GiB), because boto3's managed upload does not pass `IfNoneMatch` through.
+    content-addressed files). A 409 ConditionalRequestConflict (another conditional write
+    to the key was still in progress) is a plain StorageError, which the tasks' retry
+    policy retries; the retry then finds the key stored (412) or stores it. Conditional
+    puts always go as one PUT (S3 allows up to 5 GiB), because boto3's managed upload does
+    not pass `IfNoneMatch` through.
 
     The boto3 client is built on first use and dropped when pickled, so a store can be
     handed to Prefect tasks in other processes.
@@ -72,6 +80,7 @@ class S3Store(ObjectStore):
         max_attempts: int = 5,
         connect_timeout: float = 5,
         read_timeout: float = 30,
+        checksums: Literal["when_supported", "when_required"] | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -86,6 +95,10 @@ class S3Store(ObjectStore):
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        if checksums not in (None, "when_supported", "when_required"):
+            raise ValueError(f"checksums must be when_supported or when_required, got "
+                             f"{checksums!r}")
+        self.checksums = checksums
         self.uri_prefix = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._client: Any = None
         self._lock = threading.Lock()
@@ -128,12 +141,21 @@ class S3Store(ObjectStore):
             read_timeout=self.read_timeout,
             # Self-hosted endpoints rarely have wildcard DNS for virtual-hosted buckets.
             s3={"addressing_style": "path"} if self.endpoint_url else None,
+            # Unset, botocore reads AWS_REQUEST_CHECKSUM_CALCULATION or the config file.
+            **({"request_checksum_calculation": self.checksums} if self.checksums else {}),
         )
         # A private session: boto3's default session is not thread-safe to build clients.
         session = boto3.session.Session()
         return session.client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
         )
+
+    def _checksum(self) -> dict[str, str]:
+        """The put's checksum argument: SHA-256, or none where only required ones are sent
+        (botocore before 1.36 knows no such setting; the variable is read here then)."""
+        setting = (getattr(self.client.meta.config, "request_checksum_calculation", None)
+                   or os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", ""))
+        return {} if setting.lower() == "when_required" else {"ChecksumAlgorithm": "SHA256"}
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -178,6 +200,11 @@ class S3Store(ObjectStore):
                 return MissingObjectError(f"no object at {where}")
             if code in _CONFLICT_CODES:
                 return ObjectExistsError(f"{where} already exists ({code})")
+            if code == "ConditionalRequestConflict":
+                return StorageError(
+                    f"{action} {where}: {self.endpoint} was still completing another "
+                    f"conditional write to the key ({code}); retry the task"
+                )
             if code in _CREDENTIAL_CODES:
                 return StorageError(
                     f"credentials were refused by {self.endpoint} ({code}) for {action} "
@@ -240,7 +267,7 @@ class S3Store(ObjectStore):
             "Bucket": self.bucket,
             "Key": self._key(key),
             "Body": body,
-            "ChecksumAlgorithm": "SHA256",
+            **self._checksum(),
         }
         if content_type:
             kwargs["ContentType"] = content_type
@@ -271,7 +298,7 @@ class S3Store(ObjectStore):
             Filename=os.fspath(path),
             Bucket=self.bucket,
             Key=self._key(key),
-            ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+            ExtraArgs=self._checksum(),
             Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD),
         )
         log.debug("stored %s (%d bytes, multipart)", self.uri(key), size)

@@ -11,6 +11,7 @@ the way back and no half-used keep-alive connection is ever reused.
 Faults are set at runtime and counted, so a test can assert that they happened:
 
     proxy.fail_next(3, 503)   # the next 3 requests get 503 SlowDown
+    proxy.fail_next(1, 409, methods={"PUT"})  # the next PUT: ConditionalRequestConflict
     proxy.fail_all(500)       # every request gets 500 InternalError until reset
     proxy.fail_all(500, methods={"PUT"})  # only PUTs fail
     proxy.drop_puts(times=2)  # the next 2 PUTs with a body: half the body, then both
@@ -31,6 +32,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 _ERRORS = {
+    409: ("Conflict", "ConditionalRequestConflict",
+          "A conflicting conditional operation is currently in progress against this "
+          "resource. Please try again."),
     500: ("Internal Server Error", "InternalError",
           "We encountered an internal error. Please try again."),
     503: ("Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -48,7 +52,7 @@ class Seen:
     path: str
     declared_bytes: int  # the request's Content-Length (0 when chunked or bodiless)
     body_bytes: int  # of the request body that reached the server (or the error answer)
-    outcome: str  # "passed", "500", "503", "dropped" or "lost"
+    outcome: str  # "passed", "409", "500", "503", "dropped" or "lost"
     status: int | None  # the status the client got; None when the connection was cut
 
 
@@ -150,9 +154,10 @@ class FaultProxy:
             self._fail_forever = self._drop_forever = False
             self._fail_methods = None
 
-    def fail_next(self, k: int, status: int = 503) -> None:
-        """Answer the next `k` requests with `status` (500 InternalError, 503 SlowDown)."""
-        self._set_failures(status, k, forever=False, methods=None)
+    def fail_next(self, k: int, status: int = 503, methods: set[str] | None = None) -> None:
+        """Answer the next `k` requests (with a method in `methods`, if given) with
+        `status` (409 ConditionalRequestConflict, 500 InternalError, 503 SlowDown)."""
+        self._set_failures(status, k, forever=False, methods=methods)
 
     def fail_all(self, status: int = 500, methods: set[str] | None = None) -> None:
         """Answer every request (or every one with a method in `methods`) with `status`
@@ -247,7 +252,7 @@ class FaultProxy:
             return
 
         body = _read_chunked(rfile) if chunked else rfile.read(length)
-        if outcome in ("500", "503"):
+        if outcome.isdigit():  # an error status of _ERRORS
             self._record(request, len(body), outcome, int(outcome))
             client.sendall(self._error(request, int(outcome)))
             return

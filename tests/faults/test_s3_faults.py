@@ -9,6 +9,7 @@ never a truncated one. What is stored is always read from moto directly, past th
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
@@ -107,6 +108,25 @@ def test_uploads_whose_answer_is_lost_are_recognised_as_this_runs_own(
     assert result["created_at"] == manifest["created_at"]
 
 
+def test_a_conditional_request_conflict_is_retried_and_the_result_is_unchanged(
+    scoring, reference, proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 409: another conditional write to the key was still in progress. Not "the object
+    # exists": the task's retry writes it.
+    monkeypatch.setattr(flows.score, "write_predictions",
+                        tasks.scoring.write_predictions.with_options(retry_delay_seconds=0))
+    root = fresh_root()
+    proxy.fail_next(1, 409, methods={"PUT"})
+
+    state, _ = run(scoring, root)
+
+    assert state.is_completed(), state
+    prefix = scoring.prefix(root)
+    assert proxy.statuses("PUT", f"{prefix}/predictions.csv") == [409, 200]
+    reference.assert_matched_by(scoring, scoring.bucket, prefix)
+    assert state.result()["reused"] is False
+
+
 # ------------------------------------------------------------------ lasting faults
 
 
@@ -197,6 +217,23 @@ def test_store_upload_cut_halfway_is_retried_to_a_complete_object(
     assert head["ContentLength"] == SIZE
     stored = scoring.s3.get_object(Bucket=scoring.bucket, Key=key)["Body"].read()
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("checksums", [None, "when_required"])
+def test_store_sends_sha256_unless_checksums_are_only_when_required(
+    scoring, proxy, monkeypatch: pytest.MonkeyPatch, checksums: str | None
+) -> None:
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    store = S3Store(scoring.bucket, f"sum-{uuid.uuid4().hex[:8]}", endpoint_url=proxy.url,
+                    checksums=checksums)
+
+    store.put("a.bin", b"payload", if_absent=True)
+
+    assert store.get("a.bin") == b"payload"
+    head = scoring.s3.head_object(Bucket=scoring.bucket, Key=f"{store.prefix}/a.bin",
+                                  ChecksumMode="ENABLED")
+    expected = base64.b64encode(hashlib.sha256(b"payload").digest()).decode()
+    assert head.get("ChecksumSHA256") == (None if checksums else expected)
 
 
 @pytest.mark.parametrize("if_absent", [False, True])

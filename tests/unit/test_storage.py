@@ -300,11 +300,58 @@ def test_s3_put_sends_checksum_and_condition(offline: S3Store) -> None:
         assert headers["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(body).digest())
 
 
-@pytest.mark.parametrize("code", ["PreconditionFailed", "ConditionalRequestConflict"])
-def test_s3_conditional_conflict_is_object_exists(offline: S3Store, code: str) -> None:
-    _answer(offline, "PutObject", _reply(412 if code == "PreconditionFailed" else 409, code))
-    with pytest.raises(ObjectExistsError, match="s3://bkt/pre/k"):
+@pytest.mark.parametrize(("env", "option", "sha256"), [
+    (None, None, True), ("when_supported", None, True), ("when_required", None, False),
+    (None, "when_required", False), ("when_required", "when_supported", True)])
+def test_s3_put_checksum_follows_the_checksum_setting(
+    offline: S3Store, monkeypatch: pytest.MonkeyPatch, env: str | None, option: str | None,
+    sha256: bool,
+) -> None:
+    # GCS interoperability, R2 and others refuse checksum headers: "when_required" (the
+    # variable, or the store's option, which wins) sends none on a put.
+    if env:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", env)
+    else:
+        monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    s = S3Store("bkt", endpoint_url="http://127.0.0.1:9", region="us-east-1", max_attempts=1,
+                checksums=option)
+    seen = _answer(s, "PutObject", _reply(200, body=b""))
+
+    s.put("k", b"body", if_absent=True)
+
+    headers = {k.lower(): v for k, v in seen[0].headers.items()}
+    checksum_headers = sorted(k for k in headers if "checksum" in k)
+    if sha256:
+        assert checksum_headers == ["x-amz-checksum-sha256", "x-amz-sdk-checksum-algorithm"]
+        assert headers["x-amz-checksum-sha256"] == base64.b64encode(
+            hashlib.sha256(b"body").digest())
+    else:
+        assert checksum_headers == []
+    assert headers["if-none-match"] == b"*"
+
+
+def test_s3_checksum_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="when_supported or when_required, got 'never'"):
+        S3Store("bkt", checksums="never")  # type: ignore[arg-type]
+
+
+def test_s3_conditional_conflicts(offline: S3Store) -> None:
+    # 412: the key is there, for good. 409: another conditional write to it was still in
+    # progress; a retry finds the key stored or stores it, so it is transient.
+    from tasks.retries import is_transient
+
+    _answer(offline, "PutObject", _reply(412, "PreconditionFailed"))
+    with pytest.raises(ObjectExistsError, match="s3://bkt/pre/k") as exists:
         offline.put("k", b"x", if_absent=True)
+    assert not is_transient(exists.value)
+
+    s = S3Store("bkt", "pre", endpoint_url="http://127.0.0.1:9", region="us-east-1",
+                max_attempts=1)
+    _answer(s, "PutObject", _reply(409, "ConditionalRequestConflict"))
+    with pytest.raises(StorageError, match="ConditionalRequestConflict") as conflict:
+        s.put("k", b"x", if_absent=True)
+    assert not isinstance(conflict.value, ObjectExistsError)
+    assert is_transient(conflict.value)
 
 
 def test_s3_missing_bucket_names_bucket_and_endpoint(offline: S3Store) -> None:
