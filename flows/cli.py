@@ -19,9 +19,10 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.settings import CHAMPION_URI
+
 DEFAULT_COMPETITION_NAME = "validation-as-competition.pkl"
 FLOW_COMMANDS = {"run", "train", "score"}  # they run Prefect flows in this process
-CHAMPION_URI = "models:/cifar10-resnet@champion"
 STATE_DIR_HELP = ("home of the embedded defaults: MLflow database and artifacts, object "
                   "store, Prefect database (default $CIFAR_STATE_DIR, else ./.pipeline)")
 
@@ -158,6 +159,7 @@ def cmd_run(args) -> int:
     from flows.config import data_config
     from flows.summary import print_summary
     from flows.train import TrainResnetsConfig, train
+    from model.config import given
     from model.data import write_competition_pickle
     from model.profiles import resolve_profile
     from tasks.data import resolve_source
@@ -166,12 +168,11 @@ def cmd_run(args) -> int:
     settings = Settings.from_env()
     profile, why = resolve_profile(args.profile)
     print(why, flush=True)
-    config = TrainResnetsConfig(
-        variants=args.variants, recipe=args.recipe, data_source=args.data,
-        val_size=profile.val_size, train_size=profile.train_size, seeds=[args.seed],
-        **profile.overrides_for(args.recipe), score_after=True,
-        competition_file=args.competition_file, run_key=args.run_key,
-    )
+    options = given(args, TrainResnetsConfig.model_fields)
+    recipe = options.get("recipe", TrainResnetsConfig.model_fields["recipe"].default)
+    config = TrainResnetsConfig(**{
+        "val_size": profile.val_size, "train_size": profile.train_size,
+        **profile.overrides_for(recipe), **options, "score_after": True})
     self_check = None
     if args.competition_file is None:
         # Score the validation split in the competition's format, so that the end of the
@@ -189,12 +190,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from flows.config import given
     from flows.summary import print_summary
     from flows.train import TrainResnetsConfig, train
+    from model.config import given
     from tasks.settings import Settings
 
-    summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig)))
+    summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig.model_fields)))
     print_summary(summary, Settings.from_env(), None)
     return 0
 
@@ -278,17 +279,14 @@ def cmd_stack(args) -> int:
     return subprocess.call(cmd)
 
 
-def _variants(text: str) -> list[str]:
-    return [v for v in text.split(",") if v]
-
-
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
+def _add_train_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None):
     # The form's own fields, generated: a new training option appears here by itself.
     # Imported here, not at the top: pydantic and the model config cost little, and
     # `stack` needs neither.
     from flows.config import TrainResnetsConfig, add_form_arguments
 
-    add_form_arguments(parser, TrainResnetsConfig, aliases={"data_source": "--data"})
+    add_form_arguments(parser, TrainResnetsConfig, only=only,
+                       aliases={"data_source": "--data", "seeds": "--seed"})
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -309,16 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job: train both variants, promote, score")
     run.add_argument("--profile", default="auto", choices=["auto", "smoke", "quick", "full"],
                      help="training budget: auto = full on a GPU, quick on a CPU")
-    run.add_argument("--competition-file", help="competition pickle to score (default: the "
-                     "validation split in that format, as a self-check)")
-    run.add_argument("--data", help="training data (default $CIFAR10_SOURCE, else download)")
-    run.add_argument("--recipe", default="fast", choices=["reference", "paper", "fast"],
-                     help="training recipe (default fast)")
-    run.add_argument("--variants", default=["deep", "light"], type=_variants,
-                     help="networks to train, comma-separated (default deep,light)")
-    run.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    run.add_argument("--run-key", help="rerun with the key of an interrupted run to resume it "
-                     "from its checkpoints (default: a new key per run)")
+    # Without --competition-file, the validation split is scored in that format.
+    _add_train_options(run, only=("competition_file", "data_source", "recipe", "variants",
+                                  "seeds", "run_key"))
     run.set_defaults(handler=cmd_run)
 
     tr = sub.add_parser("train", help="train, register and promote; every option of the "

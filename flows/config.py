@@ -10,12 +10,20 @@ model config from one field.
 from __future__ import annotations
 
 import argparse
-import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+import dataclasses
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from model.config import DataConfig, TrainConfig, Variant, config_fields
+from model.config import (
+    DataConfig,
+    TrainConfig,
+    Variant,
+    add_options,
+    config_fields,
+    is_optional,
+    plain_type,
+)
 
 BOUNDS = ("ge", "gt", "le", "lt")
 
@@ -29,27 +37,19 @@ def _form_type(type_: Any, meta: dict[str, Any]) -> Any:
         bounds["allow_inf_nan"] = False
     if not bounds:
         return type_
-    value = Annotated[_plain(type_), Field(**bounds)]
-    return value | None if _optional(type_) else value
-
-
-def _optional(type_: Any) -> bool:
-    return get_origin(type_) in (Union, types.UnionType) and type(None) in get_args(type_)
-
-
-def _plain(type_: Any) -> Any:
-    """int | None -> int."""
-    if _optional(type_):
-        return next(a for a in get_args(type_) if a is not type(None))
-    return type_
+    value = Annotated[plain_type(type_), Field(**bounds)]
+    return value | None if is_optional(type_) else value
 
 
 def form_fields(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """pydantic field definitions of a config dataclass's fields."""
     out = {}
-    for name, type_, default, meta in config_fields(cls):
-        if name not in exclude:
-            out[name] = (_form_type(type_, meta), Field(default, description=meta.get("help")))
+    for f, type_ in config_fields(cls):
+        if f.name not in exclude:
+            default = ({"default_factory": f.default_factory}
+                       if f.default_factory is not dataclasses.MISSING else {"default": f.default})
+            out[f.name] = (_form_type(type_, dict(f.metadata)),
+                           Field(**default, description=f.metadata.get("help")))
     return out
 
 
@@ -123,45 +123,10 @@ class TrainResnetsConfig(TrainingOptions, DataOptions):
 
 
 def add_form_arguments(parser: argparse.ArgumentParser, form: type[BaseModel],
-                       aliases: dict[str, str] | None = None) -> None:
-    """One --option per form field, typed, bounded by the form itself, with its help."""
-    aliases = aliases or {}
-    for name, info in form.model_fields.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([aliases[name]] if name in aliases else [])
-        kind = _plain(info.annotation)
-        default = info.get_default(call_default_factory=True)
-        help_ = info.description or ""
-        if default is not None and kind is not bool:
-            help_ += f" (default {default})"
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(kind) is Literal:
-            kwargs["choices"] = get_args(kind)
-        elif get_origin(kind) is Annotated:  # a bounded number
-            kwargs["type"] = get_args(kind)[0]
-        elif kind in (int, float, str):
-            kwargs["type"] = kind
-        elif get_origin(kind) is list:
-            item = get_args(kind)[0]
-            kwargs["type"] = _comma_list(int if item is int else str)
-            kwargs["metavar"] = "A,B"
-        else:
-            continue  # nothing the command line can express
-        parser.add_argument(*flags, **kwargs)
-
-
-def _comma_list(item: type):
-    def parse(text: str) -> list:
-        try:
-            return [item(part) for part in text.split(",") if part.strip()]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from exc
-
-    return parse
-
-
-def given(args: argparse.Namespace, form: type[BaseModel]) -> dict[str, Any]:
-    """The form fields set on the command line: unset ones keep the form's defaults."""
-    return {name: getattr(args, name) for name in form.model_fields
-            if getattr(args, name, None) is not None}
+                       aliases: dict[str, str] | None = None,
+                       only: tuple[str, ...] | None = None) -> None:
+    """One --option per form field (or per field in `only`), typed, with its help; the form
+    checks the values."""
+    add_options(parser, [(name, info.annotation, info.get_default(call_default_factory=True),
+                          info.description or "") for name, info in form.model_fields.items()
+                         if only is None or name in only], aliases)

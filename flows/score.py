@@ -22,7 +22,7 @@ from tasks.scoring import (
     scoring_result,
     write_predictions,
 )
-from tasks.settings import Settings
+from tasks.settings import CHAMPION_URI, Settings
 from tasks.storage import check_location, open_location
 
 
@@ -31,7 +31,7 @@ class ScoreConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_uri: str = Field("models:/cifar10-resnet@champion",
+    model_uri: str = Field(CHAMPION_URI,
                            description="models:/NAME@ALIAS or models:/NAME/VERSION")
     input_uri: str | None = Field(
         None, description="competition pickle: path, file:// or s3:// URI; "

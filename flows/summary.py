@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tasks.settings import CHAMPION_URI
+
 
 def print_summary(summary: dict, settings, self_check) -> None:
     print("\nsummary")
@@ -11,7 +13,7 @@ def print_summary(summary: dict, settings, self_check) -> None:
     for job, version in summary["versions"].items():
         rows.append((f"  {job}", f"version {version}, val acc "
                                  f"{100 * summary['val_acc'][job]:.2f}%"))
-    rows.append(("champion", f"models:/cifar10-resnet@champion = version "
+    rows.append(("champion", f"{CHAMPION_URI} = version "
                              f"{summary['champion']} ({summary['reason']})"))
     score = summary.get("score")
     if score:

@@ -9,13 +9,16 @@ entry per column of RECIPE_DEFAULTS.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 Recipe = Literal["reference", "paper", "fast"]
 Variant = Literal["deep", "light"]
@@ -95,11 +98,19 @@ def option(default: Any = None, help: str = "", **bounds: Any) -> Any:
 
 def _check(name: str, value: Any, type_: Any, meta: dict[str, Any]) -> None:
     if value is None:
+        if is_optional(type_):
+            return
+        raise ConfigError(f"{name}: must be set")
+    kind = plain_type(type_)
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(get_args(kind))}")
         return
-    choices = get_args(type_) if getattr(type_, "__origin__", None) is Literal else None
-    if choices and value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # bool is an int to Python, never to a config; an int is a fine float.
+    accepted = (int, float) if kind is float else kind
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{name}: must be {kind.__name__}, got {value!r}")
+    if kind is bool or kind is str:
         return
     if meta.get("finite") and not math.isfinite(value):
         raise ConfigError(f"{name}: must be a finite number, got {value}")
@@ -110,16 +121,34 @@ def _check(name: str, value: Any, type_: Any, meta: dict[str, Any]) -> None:
 
 
 def validate(instance: Any) -> None:
-    """Check every field of a config dataclass against its metadata."""
-    hints = _resolved_types(type(instance))
-    for f in dataclasses.fields(instance):
-        _check(f.name, getattr(instance, f.name), hints[f.name], dict(f.metadata))
+    """Check every field of a config dataclass: its type, its choices, its bounds."""
+    for f, type_ in config_fields(type(instance)):
+        _check(f.name, getattr(instance, f.name), type_, dict(f.metadata))
 
 
-def _resolved_types(cls: type) -> dict[str, Any]:
-    import typing
+def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """Each field of a config dataclass with its resolved type: what the forms and the
+    command-line options are built from."""
+    hints = typing.get_type_hints(cls, globalns=globals())
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
-    return typing.get_type_hints(cls, globalns=globals())
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The field's default; a default factory runs now, when it is asked for."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def is_optional(type_: Any) -> bool:
+    return get_origin(type_) in (Union, types.UnionType) and type(None) in get_args(type_)
+
+
+def plain_type(type_: Any) -> Any:
+    """int | None -> int; Annotated[int, ...] -> int."""
+    if is_optional(type_):
+        type_ = next(a for a in get_args(type_) if a is not type(None))
+    return get_args(type_)[0] if get_origin(type_) is Annotated else type_
 
 
 def _default_workers() -> int:
@@ -208,6 +237,12 @@ class TrainConfig:
 
     # Fields that change speed, not the meaning of a checkpoint.
     SPEED_ONLY = ("device", "workers", "compile", "compile_mode", "checkpoint_seconds")
+    # The fields the first checkpoints were hashed with: always in the hash, so that those
+    # checkpoints still resume. A field added since enters it only when set away from its
+    # default, so adding an option does not orphan the checkpoints written before it.
+    HASHED_ALWAYS = ("recipe", "variant", "epochs", "batch_size", "lr", "weight_decay",
+                     "decay_norm_and_bias", "momentum", "label_smoothing", "warmup_epochs",
+                     "cutout", "tta", "seed", "precision", "channels_last")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,10 +252,17 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Identifies the training trajectory: what a checkpoint must match to be resumed."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in self.SPEED_ONLY}
-        if not payload["ema"]:
-            del payload["ema"]  # off: the same hash as before the field existed
+        payload = {f.name: getattr(self, f.name) for f, _ in config_fields(type(self))
+                   if f.name not in self.SPEED_ONLY and (f.name in self.HASHED_ALWAYS
+                                                         or not self._at_default(f))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _at_default(self, f: dataclasses.Field) -> bool:
+        """Whether the field holds what it would unset: its default, or its recipe's."""
+        default = default_of(f)
+        if default is None:
+            default = RECIPE_DEFAULTS[self.recipe].get(f.name)
+        return getattr(self, f.name) == default
 
     def compiles_on(self, device: Any) -> bool:
         """Whether training on `device` compiles its step: as set, else on CUDA for the
@@ -242,13 +284,59 @@ def _check_device(value: str) -> None:
             f"device: not a device: {value!r} (use auto, cpu, cuda or cuda:N)") from exc
 
 
-def config_fields(cls: type) -> list[tuple[str, Any, Any, dict[str, Any]]]:
-    """(name, type, default, metadata) of each field of a config dataclass: what the
-    flows build their forms and command-line options from."""
-    hints = _resolved_types(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        missing = f.default is dataclasses.MISSING
-        default = f.default_factory() if missing else f.default  # type: ignore[misc]
-        out.append((f.name, hints[f.name], default, dict(f.metadata)))
-    return out
+# --- command-line options, one per field ------------------------------------------------
+
+
+def option_specs(*classes: type, skip: tuple[str, ...] = ()) -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) of each field of config dataclasses, for `add_options`."""
+    return [(f.name, type_, default_of(f), f.metadata.get("help", ""))
+            for cls in classes for f, type_ in config_fields(cls) if f.name not in skip]
+
+
+def add_options(parser: argparse.ArgumentParser, specs: list[tuple[str, Any, Any, str]],
+                aliases: dict[str, str] | None = None) -> None:
+    """One --option per (name, type, default, help): typed, a Literal's choices, --x/--no-x
+    for a bool, comma-separated for a list. Each parses to None when not given (the help
+    line shows the real default), so that `given` leaves the rest to the config."""
+    aliases = aliases or {}
+    for name, type_, default, help_ in specs:
+        kind = plain_type(type_)
+        if default is not None and kind is not bool:
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_ = f"{help_} (default {shown})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = get_args(kind)
+        elif get_origin(kind) is list:
+            kwargs.update(type=_comma_list(plain_type(get_args(kind)[0])), metavar="A,B")
+        elif kind in (int, float, str):
+            kwargs["type"] = kind
+        else:
+            continue  # nothing the command line can express
+        flags = [f"--{name.replace('_', '-')}", *([aliases[name]] if name in aliases else [])]
+        parser.add_argument(*flags, **kwargs)
+
+
+def _comma_list(item: Any):
+    choices = get_args(item) if get_origin(item) is Literal else None
+
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if choices:
+            if bad := [part for part in parts if part not in choices]:
+                raise argparse.ArgumentTypeError(
+                    f"{', '.join(bad)}: not one of {', '.join(choices)}")
+            return parts
+        try:
+            return [item(part) for part in parts]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from exc
+
+    return parse
+
+
+def given(args: argparse.Namespace, names: Any) -> dict[str, Any]:
+    """The options among `names` set on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 from model.data import Dataset
 from model.predict import predict
 from tasks import plots, registry
-from tasks.settings import REGISTERED_MODEL, Settings
+from tasks.settings import CHAMPION_URI, REGISTERED_MODEL, Settings
 from tasks.training import VariantResult
 
 PROMOTED_EVENT = "cifar10-resnet.champion.promoted"
@@ -162,6 +162,6 @@ def _emit_promoted(decision: Promotion) -> None:
         resource={"prefect.resource.id": f"mlflow.model.{REGISTERED_MODEL}",
                   "prefect.resource.name": REGISTERED_MODEL},
         payload={"version": decision.champion_version,
-                 "model_uri": f"models:/{REGISTERED_MODEL}@{registry.CHAMPION}",
+                 "model_uri": CHAMPION_URI,
                  "previous_version": decision.previous_version},
     )

@@ -32,12 +32,11 @@ from model.nets import build_model, count_parameters
 from model.provenance import code_commit
 from tasks import model_card
 from tasks.inference_code import write_package
-from tasks.settings import REGISTERED_MODEL
+from tasks.settings import CHAMPION, REGISTERED_MODEL
 
 if TYPE_CHECKING:
     from model.data import Dataset
 
-CHAMPION = "champion"
 WEIGHTS_ARTIFACT = "weights"
 CODE_ARTIFACT = "inference_code"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 EXPERIMENT = "cifar10-resnet"
 REGISTERED_MODEL = "cifar10-resnet"
+CHAMPION = "champion"  # the alias of the best version
+CHAMPION_URI = f"models:/{REGISTERED_MODEL}@{CHAMPION}"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from typing import Literal, get_args, get_origin
 
 import pytest
 from pydantic import ValidationError, create_model
@@ -19,9 +20,18 @@ from flows.config import (
     add_form_arguments,
     data_config,
     form_fields,
-    given,
 )
-from model.config import DataConfig, TrainConfig, option
+from model.config import (
+    ConfigError,
+    DataConfig,
+    Recipe,
+    TrainConfig,
+    config_fields,
+    given,
+    is_optional,
+    option,
+    plain_type,
+)
 
 PER_JOB = {"variant", "seed"}  # the form takes lists of these instead
 
@@ -57,7 +67,7 @@ def test_the_command_line_reaches_every_job_through_the_form():
         "train", "--variants", "light", "--seeds", "0,3", "--epochs", "3", "--no-tta",
         "--data", "/data/train.parquet", "--val-size", "64", "--compile-mode",
         "reduce-overhead", "--checkpoint-seconds", "0", "--lr", "0.1"])
-    form = TrainResnetsConfig(**given(args, TrainResnetsConfig))
+    form = TrainResnetsConfig(**given(args, TrainResnetsConfig.model_fields))
     jobs = form.training_configs()
     assert [(j.variant, j.seed) for j in jobs] == [("light", 0), ("light", 3)]
     assert {(j.epochs, j.tta, j.compile_mode, j.checkpoint_seconds, j.lr) for j in jobs} == {
@@ -85,3 +95,83 @@ def test_a_new_option_is_one_field():
     assert action.option_strings == ["--dropout"] and "dropout before" in action.help
     assert parser.parse_args(["--dropout", "0.25"]).dropout == 0.25
     assert Extended(dropout=0.25).to_dict()["dropout"] == 0.25  # and so the MLflow params
+
+
+def _wrong_values(type_) -> list:
+    """Values of the wrong type or outside the choices, for a field of type `type_`."""
+    kind = plain_type(type_)
+    wrong = {bool: [1, "yes"], int: ["3", 2.5, True], float: ["0.1", False], str: [3, b"x"]}
+    if get_origin(kind) is Literal:
+        return ["nonsense", 1]
+    return wrong[kind] + ([] if is_optional(type_) else [None])
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, DataConfig])
+def test_every_field_refuses_a_wrong_type_or_choice(cls):
+    fields = config_fields(cls)
+    assert fields
+    for f, type_ in fields:
+        for bad in _wrong_values(type_):
+            with pytest.raises(ConfigError, match=f"^{f.name}: "):
+                cls(**{f.name: bad})
+    with pytest.raises(ConfigError, match="precision: 'fp16' is not one of"):
+        TrainConfig(precision="fp16")  # optional choices are checked too
+
+
+def test_a_default_factory_runs_when_a_config_is_made(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert TrainConfig().workers == 3
+    assert TrainResnetsConfig().workers == 3  # the form's default, too: not fixed at import
+    monkeypatch.setattr("os.cpu_count", lambda: 5)
+    assert TrainConfig().workers == TrainResnetsConfig().workers == 5
+
+
+# Hashes of configs as checkpoints recorded them before fields at their defaults were left
+# out of the hash: they must never change, or those checkpoints stop resuming.
+RECORDED_HASHES = [
+    ({}, "0820a851436b230a"),
+    ({"recipe": "reference", "variant": "deep"}, "dcce5b6b8edac9df"),
+    ({"recipe": "paper", "seed": 3}, "6ed8eeb9d73b01f2"),
+    ({"epochs": 2, "batch_size": 64, "lr": 0.05}, "3c879c340b0b3901"),
+    ({"ema": 0.999}, "084feb56302512ef"),
+    ({"cutout": 12, "tta": False, "precision": "bf16", "warmup_epochs": 1.5},
+     "b4716d6d9231b244"),
+    ({"device": "cpu", "workers": 0, "compile": False, "checkpoint_seconds": 0},
+     "0820a851436b230a"),
+]
+
+
+@pytest.mark.parametrize(("fields", "recorded"), RECORDED_HASHES)
+def test_the_hash_of_an_existing_config_is_unchanged(fields, recorded):
+    assert TrainConfig(**fields).hash() == recorded
+
+
+def test_a_new_field_at_its_default_leaves_the_hash_alone():
+    @dataclasses.dataclass(frozen=True)
+    class Extended(TrainConfig):
+        dropout: float = option(0.0, "dropout before the classifier", ge=0, lt=1)
+        mixup: float | None = option(None, "mixup alpha; None: the recipe's (none)", ge=0)
+
+    base = TrainConfig(recipe="paper", epochs=3).hash()
+    assert Extended(recipe="paper", epochs=3).hash() == base
+    changed = {Extended(recipe="paper", epochs=3, dropout=0.1).hash(),
+               Extended(recipe="paper", epochs=3, mixup=0.2).hash()}
+    assert base not in changed and len(changed) == 2
+    assert TrainConfig(epochs=3).hash() != TrainConfig(epochs=4).hash()
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_run_takes_its_options_from_the_form():
+    actions = {a.dest: a for a in _subparser("run")._actions}
+    assert actions["recipe"].choices == get_args(Recipe)
+    args = _parser().parse_args(["run", "--variants", "light", "--seed", "2,5", "--data", "d",
+                                 "--recipe", "paper", "--run-key", "k"])
+    assert given(args, TrainResnetsConfig.model_fields) == {
+        "variants": ["light"], "seeds": [2, 5], "data_source": "d", "recipe": "paper",
+        "run_key": "k"}
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--variants", "deep,huge"])
