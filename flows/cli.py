@@ -5,6 +5,7 @@
     cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion]
     cifar-pipeline predict IMAGE|FOLDER|PICKLE... [--model-uri URI] [--json]
     cifar-pipeline models
+    cifar-pipeline serve [--model-uri URI] [--host H] [--port P]
     cifar-pipeline stack up|down|status [--workers N] [--cpu-slots] [--no-deploy] [--auth]
 
 Every command takes --state-dir (default ./.pipeline), before or after the command's
@@ -257,6 +258,14 @@ def cmd_predict(args) -> int:
                as_json=args.json, out=sys.stdout, err=sys.stderr)
 
 
+def cmd_serve(args) -> int:
+    from tasks.serving import serve
+    from tasks.settings import Settings
+
+    Settings.from_env().apply()
+    return serve(args.model_uri, args.host, args.port)
+
+
 def cmd_stack(args) -> int:
     import subprocess
 
@@ -337,6 +346,13 @@ def _parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("models", help="list registered versions and aliases")
     md.set_defaults(handler=cmd_models)
+
+    sv = sub.add_parser("serve", help="answer POST /invocations with a registered model "
+                        "(MLflow's scoring server, with body-size and nesting limits)")
+    sv.add_argument("--model-uri", default=CHAMPION_URI, help=f"default {CHAMPION_URI}")
+    sv.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    sv.set_defaults(handler=cmd_serve)
 
     st = sub.add_parser("stack", help="local Prefect, MLflow and S3 servers plus workers "
                         "(infra/stack.py)")

@@ -1,5 +1,6 @@
-"""`mlflow models serve` on the champion, asked over real HTTP: uint8 images in, ten
-probabilities per image out, and bad input answered 400 with what is wrong, never a 500.
+"""`cifar-pipeline serve` (MLflow's scoring server) on the champion, asked over real HTTP:
+uint8 images in, ten probabilities per image out, and bad input answered 400 with what is
+wrong, never a 500.
 
 The served version is an untrained light network registered through the project's own
 registry code (no training: the server, not the accuracy, is under test). The server runs
@@ -44,15 +45,10 @@ def served(pipeline_env, spawn, free_port, tmp_path_factory):
     (cwd / "model.py").write_text(f"open({str(sentinel)!r}, 'w').close()\n")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    # The server execs `uvicorn` by name: the environment's bin/ must be on PATH, as it is
-    # in an activated virtualenv.
-    path = f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri, "PATH": path}
-    spawn("mlflow-models-serve",
-          [str(mlflow_cli), "models", "serve", "-m", "models:/cifar10-resnet@champion",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-          f"{url}/ping", env=env, cwd=cwd, timeout=240)
+    cli = Path(sys.executable).with_name("cifar-pipeline")
+    spawn("cifar-pipeline-serve", [str(cli), "serve", "--port", str(port)], f"{url}/ping",
+          env={**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri}, cwd=cwd,
+          timeout=240)
     yield {"url": url, "local": local, "sentinel": sentinel}
 
 
