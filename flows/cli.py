@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from model.config import ConfigError
+from model.errors import UserError
 from tasks.settings import CHAMPION_URI
 
 DEFAULT_COMPETITION_NAME = "validation-as-competition.pkl"
@@ -30,7 +32,7 @@ STATE_DIR_HELP = ("home of the embedded defaults: MLflow database and artifacts,
 
 def _configure_environment(state_dir: str | None) -> Path:
     """Set before prefect or mlflow are imported: both read their settings at import.
-    Raises StateDirError (a ValueError) for a state directory that cannot be used."""
+    Raises StateDirError for a state directory that cannot be used."""
     from tasks.settings import bypass_proxy_for_loopback, check_state_dir, sqlite_uri
 
     state = Path(state_dir or os.environ.get("CIFAR_STATE_DIR") or ".pipeline").resolve()
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         state = _configure_environment(args.state_dir)
-    except ValueError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     import logging
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         # Only starts a script: spare it the seconds of importing torch and mlflow below.
         try:
             return cmd_stack(args)
-        except ValueError as exc:
+        except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     if getattr(args, "run_key", False) is None:
@@ -89,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     resume = (interrupts.resume_command(argv, state, args.run_key)
               if getattr(args, "run_key", None) else None)
-    server: list = []  # the embedded Prefect server, left to stop last
+    server: list = []  # the embedded Prefect server, stopped at exit
     guard = interrupts.InterruptGuard(
         lambda guard: interrupts.interrupted_line(guard, args.command, resume),
         owns_process=argv is None,  # the console script, not a caller in its own process
-        keep_pids=lambda: {s.server_process.pid for s in server if s.server_process},
-        on_exit=tidy)
+        keep_pids=lambda: {s.pid for s in server})
     with guard:
         try:
             if precheck := getattr(args, "precheck", None):
@@ -108,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             except TrackingUnavailableError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            if args.command in FLOW_COMMANDS and guard.owns_process:
+            if (args.command in FLOW_COMMANDS and guard.owns_process
+                    and not os.environ.get("PREFECT_API_URL")):
                 # A caller in its own process keeps Prefect as it has set it up.
-                guard.hear_prefect_sigterm()
-                server[:] = [s for s in [interrupts.install_embedded_prefect(state)] if s]
+                server.append(interrupts.start_prefect_server(state))
             return args.handler(args)
         except BaseException as exc:
             if guard.signum is not None or isinstance(exc, KeyboardInterrupt):
@@ -127,13 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error_message(exc: BaseException, resume: str | None) -> str | None:
     """The one line for a failure the user can act on; None for a bug (a traceback)."""
+    from pydantic import ValidationError  # a form's refusal of a parameter
+
     from tasks.settings import disk_error_message
 
-    resumable = (_raised(exc, "flows.train", "JobsFailedError")
-                 or _raised(exc, "tasks.metrics", "TrackingUnavailableError"))
-    if resumable or isinstance(exc, ValueError) or any(  # ValueError: input, configs
-            _raised(exc, module, name) for module, name in USER_ERRORS):
-        message = str(exc)
+    if isinstance(exc, UserError | ValidationError):
+        message, resumable = str(exc), getattr(exc, "resumable", False)
     else:  # a disk that filled up or turned read-only under a running command
         message = disk_error_message(exc)
         if message is None:
@@ -141,17 +141,6 @@ def _error_message(exc: BaseException, resume: str | None) -> str | None:
         resumable = True
     # The checkpoints of finished epochs are kept under the run key.
     return f"{message}; to resume: {resume}" if resumable and resume else message
-
-
-USER_ERRORS = (("tasks.registry", "RegistryError"), ("tasks.storage", "StorageError"),
-               ("model.checkpoint", "CheckpointError"))
-
-
-def _raised(exc: BaseException, module: str, name: str) -> bool:
-    """isinstance(exc, module.name) without importing the module: an exception of a class
-    exists only once its module is loaded, and a refusal must not wait for heavy imports."""
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls is not None and isinstance(exc, cls)
 
 
 def cmd_run(args) -> int:
@@ -274,13 +263,13 @@ def cmd_stack(args) -> int:
     # infra/ ships with the source tree, not the package: it is run, never imported.
     script = Path(flows.__file__).resolve().parents[1] / "infra" / "stack.py"
     if not script.is_file():
-        raise ValueError(f"{script} is missing: `stack` needs a source checkout of "
+        raise ConfigError(f"{script} is missing: `stack` needs a source checkout of "
                          "cifar-pipeline (infra/ is not part of the installed package)")
     up_only = {"--workers": args.workers, "--cpu-slots": args.cpu_slots,
                "--no-deploy": args.no_deploy, "--auth": args.auth}
     given = [flag for flag, value in up_only.items() if value not in (None, False)]
     if given and args.action != "up":
-        raise ValueError(f"{', '.join(given)} only go with `stack up`")
+        raise ConfigError(f"{', '.join(given)} only go with `stack up`")
     cmd = [sys.executable, str(script), args.action, "--state-dir", os.environ["CIFAR_STATE_DIR"]]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]

@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import TrainResnetsConfig, data_config
 from model.data import read_competition_pickle
+from model.errors import UserError
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
 from tasks.settings import Settings
@@ -23,8 +24,10 @@ from tasks.tracking import tracked_run
 from tasks.training import VariantJob, VariantResult, fit_and_register
 
 
-class JobsFailedError(RuntimeError):
+class JobsFailedError(UserError, RuntimeError):
     """Some training jobs of a flow run failed."""
+
+    resumable = True
 
 
 @flow(name="train-resnets", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.errors import UserError
 from model.fileio import atomic_write, fsync_dir  # noqa: F401 (fsync_dir: old import path)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or weights file is unreadable or belongs to another configuration."""
 
 

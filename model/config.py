@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from model.errors import UserError
+
 Recipe = Literal["reference", "paper", "fast"]
 Variant = Literal["deep", "light"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -84,8 +86,8 @@ WARMUP_FRACTION = 0.05  # of the epochs, when a recipe leaves warmup_epochs unse
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at most this often (and after the last epoch)
 
 
-class ConfigError(ValueError):
-    """A config field is out of its bounds; the message names the field."""
+class ConfigError(UserError, ValueError):
+    """An option or setting the user gave is wrong; the message names it."""
 
 
 def option(default: Any = None, help: str = "", **bounds: Any) -> Any:

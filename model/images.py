@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.errors import UserError
+
 SIZE = 32
 FORMATS = ("PNG", "JPEG")
 # 40 megapixels: beyond any ordinary camera photo; decoding one takes ~120 MB of RGB.
@@ -28,7 +30,7 @@ MAX_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 * 2**20
 
 
-class ImageFileError(ValueError):
+class ImageFileError(UserError, ValueError):
     """A file that cannot be read as a PNG or JPEG image of a sane size."""
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.augment import normalize
+from model.config import ConfigError
 from model.nets import fuse_for_inference
 
 # Images per forward pass on the CPU: small batches keep each layer's activations in
@@ -26,7 +27,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device")
+        raise ConfigError(f"device {device!r} was asked for, but this machine has no CUDA device")
     return resolved
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -43,6 +45,6 @@ def resolve_profile(name: str) -> tuple[Profile, str]:
             return PROFILES["full"], "auto: a CUDA device is present, using the full profile"
         return PROFILES["quick"], "auto: no CUDA device, using the quick profile"
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: valid profiles are auto, "
+        raise ConfigError(f"unknown profile {name!r}: valid profiles are auto, "
                          + ", ".join(PROFILES))
     return PROFILES[name], f"profile {name}: {PROFILES[name].description}"

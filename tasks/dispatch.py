@@ -17,6 +17,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Scheduled
 
+from model.errors import UserError
 from tasks.settings import Settings
 from tasks.storage import open_store
 from tasks.training import VariantJob, VariantResult, read_result
@@ -26,8 +27,10 @@ NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)  # Late is a Scheduled st
 RESTARTABLE = (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
 
-class DispatchError(RuntimeError):
+class DispatchError(UserError, RuntimeError):
     """The children on the work pool did not start or did not finish in time."""
+
+    resumable = True
 
 
 def idempotency_key(job: VariantJob) -> str:

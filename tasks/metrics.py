@@ -15,12 +15,16 @@ from collections.abc import Callable
 
 from mlflow.entities import Metric
 
+from model.errors import UserError
+
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 MAX_BACKOFF_SECONDS = 30.0
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking server did not take the buffered metrics before the deadline."""
+
+    resumable = True
 
 
 class MetricSink:

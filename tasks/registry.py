@@ -28,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from model.checkpoint import load_weights, save_weights
+from model.errors import UserError
 from model.nets import build_model, count_parameters
 from model.provenance import code_commit
 from tasks import model_card
@@ -43,7 +44,7 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """A model name, alias or version that the registry does not hold, or a bad URI."""
 
 

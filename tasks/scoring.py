@@ -27,6 +27,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NONE
 
+from model.config import ConfigError
 from model.data import CLASSES, read_competition_pickle
 from model.predict import predict, resolve_device
 from tasks import registry
@@ -79,7 +80,7 @@ def competition_input(configured: str | None, settings: Settings) -> str:
     """The competition file: as configured, else CIFAR_COMPETITION_FILE."""
     value = configured or settings.competition_file
     if not value:
-        raise ValueError("no competition file: set input_uri in the flow's parameters or "
+        raise ConfigError("no competition file: set input_uri in the flow's parameters or "
                          "CIFAR_COMPETITION_FILE")
     return value
 

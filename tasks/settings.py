@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from model.errors import UserError
+
 EXPERIMENT = "cifar10-resnet"
 REGISTERED_MODEL = "cifar10-resnet"
 CHAMPION = "champion"  # the alias of the best version
@@ -119,7 +121,7 @@ _FREE_SPACE = "free some space, or pass --state-dir a directory on another disk"
 _WRITABLE = "make it writable, or pass --state-dir a writable directory"
 
 
-class StateDirError(ValueError):
+class StateDirError(UserError, ValueError):
     """The state directory cannot hold the pipeline's state: a file, read-only, or full."""
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import UserError
+
 CLASSES: tuple[str, ...] = (
     "airplane",
     "automobile",
@@ -32,7 +34,7 @@ IMAGE_SHAPE = (32, 32, 3)
 _QUOTE_CHARS = 200
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(UserError, ValueError):
     """Any problem with a data source or competition file; the message says what is wrong
     and, where possible, how to fix it."""
 

@@ -1,7 +1,9 @@
 """What storage raises: one base class, so a caller can catch every storage failure."""
 
+from model.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """Storage failed after bounded retries; the message names the endpoint, bucket or
     key and what to check (credentials, bucket exists, endpoint reachable)."""
 

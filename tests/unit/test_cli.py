@@ -64,3 +64,35 @@ def test_a_bad_competition_file_is_refused_before_prefect_mlflow_or_torch_load(t
                           cwd=Path(__file__).resolve().parents[2])
     assert done.stdout.strip().splitlines()[-1] == "1 []", done.stdout + done.stderr
     assert done.stderr.startswith("error: ") and "bad.pkl" in done.stderr
+
+
+def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback():
+    from pydantic import BaseModel, ValidationError
+
+    from flows.cli import _error_message
+    from model.config import ConfigError, TrainConfig
+    from model.data import InvalidInputError
+    from model.errors import UserError
+    from model.images import ImageFileError
+    from tasks.settings import StateDirError
+    from tasks.storage import StorageError
+
+    class Resumable(UserError):
+        resumable = True
+
+    for cls in (ConfigError, InvalidInputError, ImageFileError, StateDirError, StorageError):
+        assert _error_message(cls("what to do"), "cmd") == "what to do", cls
+    assert _error_message(Resumable("server down"), "cmd") == "server down; to resume: cmd"
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig(precision="fp16")
+    assert _error_message(refused.value, None).startswith("precision: ")
+
+    class Form(BaseModel):
+        epochs: int
+
+    with pytest.raises(ValidationError) as invalid:
+        Form(epochs="many")
+    assert "epochs" in _error_message(invalid.value, None)
+    # A programming error, though a ValueError or a KeyError: None, so main re-raises it.
+    for bug in (ValueError("bad shape"), KeyError("val/acc"), TypeError("x")):
+        assert _error_message(bug, "cmd") is None
