@@ -1,5 +1,4 @@
-"""The object-store interface, the key grammar, and how a URI or path names a store:
-`open_store` picks the backend, `open_location` also takes a key prefix in a default store.
+"""The object-store interface, the key grammar, and how a URI or path names a store.
 
 Both backends share one key grammar (relative, '/'-separated, no '.', '..' or empty
 segments, no backslashes) so a key that works locally works on S3 and cannot escape a
@@ -13,23 +12,24 @@ import abc
 import os
 import re
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from model.config import ConfigError
 
 CHUNK = 1 << 20  # bytes per read when streaming files and bodies
 
 
 def validate_key(key: str) -> str:
-    """Return `key` if it is a relative '/'-separated key; raise ValueError otherwise."""
+    """Return `key` if it is a relative '/'-separated key; ConfigError otherwise."""
     if not isinstance(key, str) or not key:
-        raise ValueError(f"storage key must be a non-empty string, got {key!r}")
+        raise ConfigError(f"storage key must be a non-empty string, got {key!r}")
     if "\\" in key or "\x00" in key:
-        raise ValueError(f"storage key {key!r} contains a backslash or NUL; use '/' only")
+        raise ConfigError(f"storage key {key!r} contains a backslash or NUL; use '/' only")
     if key.startswith("/"):
-        raise ValueError(f"storage key {key!r} is absolute; keys are relative to the store")
+        raise ConfigError(f"storage key {key!r} is absolute; keys are relative to the store")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
-            raise ValueError(
+            raise ConfigError(
                 f"storage key {key!r} has an empty, '.' or '..' segment; "
                 "use plain names like 'runs/abc/model.pt'"
             )
@@ -80,65 +80,43 @@ def has_scheme(uri: str) -> bool:
 
 def parse_store_uri(uri: str) -> tuple[str, str, str]:
     """('s3', bucket, prefix) for 's3://bucket/prefix'; ('file', path, '') for
-    'file:///abs' or a plain path. ValueError, naming the accepted forms, for the rest."""
+    'file:///abs' or a plain path. ConfigError, naming the accepted forms, for the rest."""
     if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"empty storage URI {uri!r}: use {_ACCEPTED}")
+        raise ConfigError(f"empty storage URI {uri!r}: use {_ACCEPTED}")
     if not has_scheme(uri):
         return "file", uri, ""
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "s3":
         if not parts.netloc:
-            raise ValueError(f"storage URI {uri!r} names no bucket: use {_ACCEPTED}")
+            raise ConfigError(f"storage URI {uri!r} names no bucket: use {_ACCEPTED}")
         return "s3", parts.netloc, unquote(parts.path).strip("/")
     if scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise ValueError(
+            raise ConfigError(
                 f"storage URI {uri!r} is not an absolute file URI "
                 f"(file:///absolute/path): use {_ACCEPTED}"
             )
         return "file", path, ""
-    raise ValueError(f"unsupported storage URI {uri!r}: use {_ACCEPTED}")
-
-
-def open_store(uri: str, **s3_options: Any) -> ObjectStore:
-    """'s3://bucket/some/prefix' -> S3Store(**s3_options); 'file:///abs' or a plain path
-    -> LocalStore (created if missing; s3_options are ignored there, so one config can
-    carry endpoint settings whichever backend its URI picks)."""
-    from tasks.storage.local import LocalStore
-    from tasks.storage.s3 import S3Store
-
-    kind, location, prefix = parse_store_uri(uri)
-    if kind == "s3":
-        return S3Store(location, prefix, **s3_options)
-    return LocalStore(location)
+    raise ConfigError(f"unsupported storage URI {uri!r}: use {_ACCEPTED}")
 
 
 def check_location(location: str) -> str:
     """`location` if it names a store (a URI, or an absolute or ~ path: a local directory)
-    or a key prefix in a default store (a relative path); ValueError otherwise."""
-    if has_scheme(location) or _is_local_path(location):
+    or a key prefix in a default store (a relative path); ConfigError otherwise."""
+    if has_scheme(location) or is_local_path(location):
         parse_store_uri(location)
         return location
     try:
         validate_key(location.rstrip("/"))
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"{location!r} is not a usable key prefix in the object store ({exc}); give a "
             "plain relative prefix like 'predictions', an absolute directory, or an s3:// "
             "or file:// URI") from exc
     return location
 
 
-def open_location(location: str, default_store: str) -> tuple[ObjectStore, str]:
-    """(store, key prefix ending in '/' or empty): a URI or an absolute path is a store of
-    its own, rooted there; a relative path is a key prefix in `default_store`."""
-    check_location(location)
-    if has_scheme(location) or _is_local_path(location):
-        return open_store(location), ""
-    return open_store(default_store), location.rstrip("/") + "/"
-
-
-def _is_local_path(location: str) -> bool:
+def is_local_path(location: str) -> bool:
     return os.path.isabs(location) or location.startswith("~")
