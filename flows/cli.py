@@ -218,13 +218,14 @@ def cmd_score(args) -> int:
 def cmd_models(args) -> int:
     import mlflow
 
+    from model.data.uri import redact
     from tasks.settings import REGISTERED_MODEL, Settings
 
     Settings.from_env().apply()
     client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
     if not versions:
-        print(f"no versions of {REGISTERED_MODEL} at {mlflow.get_tracking_uri()}")
+        print(f"no versions of {REGISTERED_MODEL} at {redact(mlflow.get_tracking_uri())}")
         return 0
     aliases = client.get_registered_model(REGISTERED_MODEL).aliases
     by_version: dict[str, list[str]] = {}

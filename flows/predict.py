@@ -43,7 +43,7 @@ def read_inputs(paths: Iterable[str]) -> Inputs:
     competition pickles (*.pkl, or an s3:// or file:// URI) as 32x32 images."""
     out = Inputs()
     for given in paths:
-        if given.startswith(("s3://", "file://")) or given.lower().endswith(PICKLE_SUFFIXES):
+        if "://" in given or given.lower().endswith(PICKLE_SUFFIXES):
             _read_pickle(given, out)
             continue
         path = Path(given)
@@ -70,11 +70,12 @@ def _read_image(path: Path, name: str, out: Inputs) -> None:
 
 def _read_pickle(given: str, out: Inputs) -> None:
     from model.data import InvalidInputError, read_competition_pickle
+    from model.data.uri import redact
 
     try:
         ids, images = read_competition_pickle(given)
     except (InvalidInputError, OSError) as exc:
-        out.failures.append((given, str(exc)))
+        out.failures.append((redact(given), str(exc)))
         return
     for i, image in zip(ids.tolist(), images, strict=True):
         out.add(f"{given}#{i}", image)

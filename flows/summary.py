@@ -7,7 +7,9 @@ from tasks.settings import CHAMPION_URI
 
 def print_summary(summary: dict, settings, self_check) -> None:
     print("\nsummary")
-    rows = [("MLflow tracking", settings.tracking_uri),
+    from model.data.uri import redact
+
+    rows = [("MLflow tracking", redact(settings.tracking_uri)),
             ("MLflow parent run", summary["mlflow_run_id"]),
             ("data digest", summary["data_digest"][:16])]
     for job, version in summary["versions"].items():

@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import TrainResnetsConfig, data_config
 from model.data import read_competition_pickle
+from model.data.uri import redact
 from model.errors import UserError
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
@@ -44,7 +45,8 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         read_competition_pickle(competition_input(config.competition_file, settings))
 
     with tracked_run(run_name=f"train-resnets {run_key[:8]}") as parent:
-        mlflow.log_params({"flow." + k: v for k, v in config.model_dump().items()})
+        mlflow.log_params({"flow." + k: redact(v) if isinstance(v, str) else v
+                           for k, v in config.model_dump().items()})
         jobs = [VariantJob(training=c, data=data_config(config), run_key=run_key,
                            parent_run_id=parent.info.run_id) for c in config.training_configs()]
         data = prepare_data(settings, data_config(config))

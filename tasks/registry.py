@@ -28,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from model.checkpoint import load_weights, save_weights
+from model.data.uri import redact
 from model.errors import UserError
 from model.nets import build_model, count_parameters
 from model.provenance import code_commit
@@ -93,7 +94,7 @@ def register(
         why = disk_error_message(exc) or (f"{exc}. The checkpoint is kept: rerun with the "
                                           "same run key once the tracking server is back")
         raise RegistrationError(f"could not register a {variant} version of {name!r} at "
-                                f"{mlflow.get_tracking_uri()}: {why}") from exc
+                                f"{redact(mlflow.get_tracking_uri())}: {why}") from exc
 
 
 def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], tta: bool,
@@ -196,7 +197,7 @@ def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
     except MlflowException as exc:
         known = sorted(m.name for m in client.search_registered_models())
         raise RegistryError(
-            f"no registered model named {name!r} at {mlflow.get_tracking_uri()}; "
+            f"no registered model named {name!r} at {redact(mlflow.get_tracking_uri())}; "
             f"registered models: {known or 'none'}"
         ) from exc
     try:

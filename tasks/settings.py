@@ -200,6 +200,7 @@ def check_tracking_server(uri: str, timeout: float | None = None) -> None:
     import urllib.error
     import urllib.request
 
+    from model.data.uri import redact
     from tasks.metrics import TrackingUnavailableError
 
     if not uri.startswith(("http://", "https://")):
@@ -228,7 +229,7 @@ def check_tracking_server(uri: str, timeout: float | None = None) -> None:
             else:
                 problem = f"is unreachable ({reason})"
         raise TrackingUnavailableError(
-            f"the MLflow tracking server {uri} {problem}: start it (`cifar-pipeline stack "
+            f"the MLflow tracking server {redact(uri)} {problem}: start it (`cifar-pipeline stack "
             "up`), fix MLFLOW_TRACKING_URI, or unset it to use the local database; "
             "CIFAR_TRACKING_TIMEOUT_SECONDS sets how long to wait")
 

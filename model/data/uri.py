@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from model.data.arrays import InvalidInputError, SourceUnavailableError
 from model.fileio import atomic_write, s3_endpoint_url
@@ -69,10 +69,28 @@ def _s3_info(uri: str) -> tuple[Any, str, Any]:
     return s3, path, info
 
 
+def redact(uri: str | os.PathLike[str]) -> str:
+    """`uri` as a message, a log line or a parameter may show it: user-info, query and
+    fragment (a password, a presigned URL's signature, a token) become `***`."""
+    text = os.fspath(uri)
+    parts = urlsplit(text)
+    if "://" not in text or not ("@" in parts.netloc or parts.query or parts.fragment):
+        return text
+    netloc = ("***@" if "@" in parts.netloc else "") + parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query and "***",
+                       parts.fragment and "***"))
+
+
 def _local_path(uri: str | os.PathLike[str]) -> Path | None:
-    """The local path a URI names, or None for s3://. Raises for other schemes."""
+    """The local path a URI names, or None for s3://. Raises for other schemes, and for a
+    URI that carries credentials, before they can reach a message."""
     if isinstance(uri, os.PathLike):
         return Path(uri)
+    if redact(uri) != uri:
+        raise InvalidInputError(
+            f"{redact(uri)}: a URI must not carry credentials (user-info, a signed query): "
+            "give S3 credentials through AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE")
     if uri.startswith("s3://"):
         return None
     if uri.startswith("file://"):
