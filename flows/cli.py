@@ -179,6 +179,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def check_seeds(args) -> None:
+    """A repeated seed would train the same job twice: refused before anything starts."""
+    from model.config import ConfigError
+
+    seeds = args.seeds or []
+    if repeated := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))} repeats "
+                         f"{', '.join(map(str, repeated))}: give each seed once")
+
+
 def cmd_train(args) -> int:
     from flows.summary import print_summary
     from flows.train import TrainResnetsConfig, train
@@ -218,6 +228,7 @@ def cmd_score(args) -> int:
 def cmd_models(args) -> int:
     import mlflow
 
+    from flows.summary import print_rows, version_seed_rows
     from model.data.uri import redact
     from tasks.settings import REGISTERED_MODEL, Settings
 
@@ -238,6 +249,9 @@ def cmd_models(args) -> int:
               f"{mv.tags.get('recipe', '?'):<9} "
               f"{(f'{100 * float(acc):.2f}%' if acc else '-'):>8}  "
               f"{', '.join(sorted(by_version.get(str(mv.version), []))):<24} {mv.run_id}")
+    if args.compare and (rows := version_seed_rows(versions)):
+        print("\nover seeds (validation accuracy chose the champion, so it reads high for it)")
+        print_rows(rows)
     return 0
 
 
@@ -309,12 +323,12 @@ def _parser() -> argparse.ArgumentParser:
     # Without --competition-file, the validation split is scored in that format.
     _add_train_options(run, only=("competition_file", "data_source", "recipe", "variants",
                                   "seeds", "run_key"))
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, precheck=check_seeds)
 
     tr = sub.add_parser("train", help="train, register and promote; every option of the "
                         "train-resnets flow's form")
     _add_train_options(tr)
-    tr.set_defaults(handler=cmd_train)
+    tr.set_defaults(handler=cmd_train, precheck=check_seeds)
 
     sc = sub.add_parser("score", help="predict a competition file with a registered model")
     sc.add_argument("--input", required=True, help="competition pickle: path, file:// or "
@@ -335,6 +349,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.set_defaults(handler=cmd_predict)
 
     md = sub.add_parser("models", help="list registered versions and aliases")
+    md.add_argument("--compare", action="store_true", help="then, per data digest and "
+                    "recipe: mean ± std of accuracy over seeds per variant, and deep − light "
+                    "with its 95%% interval")
     md.set_defaults(handler=cmd_models)
 
     sv = sub.add_parser("serve", help="answer POST /invocations with a registered model "

@@ -18,6 +18,7 @@ from flows.config import TrainResnetsConfig, data_config
 from model.data import read_competition_pickle
 from model.data.uri import redact
 from model.errors import UserError
+from model.stats import as_metrics, seed_statistics
 from tasks.data import log_dataset, prepare_data
 from tasks.promote import Promotion, promote
 from tasks.settings import Settings
@@ -63,6 +64,9 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
             logger.error("job %s failed, continuing with the others: %s", name, why)
         decision: Promotion = promote(results, data, settings)
         mlflow.set_tag("champion_version", decision.champion_version or "")
+        seeds = seed_statistics([(r.variant, r.metrics) for r in results])
+        mlflow.log_metrics(as_metrics(seeds))
+        champion = next((r for r in results if r.version == decision.champion_version), None)
 
     summary = {
         "run_key": run_key,
@@ -74,6 +78,9 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         "reason": decision.reason,
         "data_digest": data.digest,
         "failed": failed,
+        "seed_stats": seeds,
+        # Never seen by selection, unlike the validation accuracy that chose the champion.
+        "champion_test_acc": champion.metrics.get("test/acc") if champion else None,
     }
     if config.score_after:
         from flows.score import ScoreConfig, score

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import math
-import statistics
 from dataclasses import dataclass
 
 from prefect import task
@@ -18,6 +17,7 @@ from prefect.cache_policies import NONE
 
 from model.data import Dataset
 from model.predict import predict
+from model.stats import fmt, seed_statistics, spread, verdict
 from tasks import plots, registry
 from tasks.settings import CHAMPION_URI, REGISTERED_MODEL, Settings
 from tasks.training import VariantResult
@@ -113,18 +113,14 @@ def compare(candidates: list[VariantResult], champion: Champion | None,
 
 
 def comparison_rows(results: list[VariantResult]) -> list[dict[str, str]]:
-    """One row per variant: mean ± standard deviation over seeds where there are several."""
+    """One row per variant: mean ± standard deviation (n) over seeds where there are
+    several."""
     rows = []
     for variant in sorted({r.variant for r in results}):
         group = [r for r in results if r.variant == variant]
 
         def stat(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-            values = [v * scale for v in values if v is not None and not math.isnan(v)]
-            if not values:
-                return "-"
-            if len(values) == 1:
-                return f"{values[0]:.{digits}f}"
-            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+            return fmt(spread(values), scale, digits)
 
         rows.append({
             "variant": variant,
@@ -143,8 +139,12 @@ def comparison_rows(results: list[VariantResult]) -> list[dict[str, str]]:
 
 def publish(results: list[VariantResult], decision: Promotion) -> None:
     rows = comparison_rows(results)
-    create_table_artifact(key="variant-comparison", table=rows,
-                          description=f"Variants compared. {decision.reason}.")
+    gaps = seed_statistics([(r.variant, r.metrics) for r in results]).get("deep_minus_light")
+    gap = "".join(f" deep − light {m}: {verdict(d)}." for m, d in (gaps or {}).items())
+    create_table_artifact(key="variant-comparison", table=rows, description=(
+        f"Variants compared over seeds.{gap} {decision.reason}; chosen on validation "
+        "accuracy, which therefore reads high for the champion; test accuracy, where shown, "
+        "took no part."))
     parts = [f"# Training curves\n\n{decision.reason}.\n"]
     for r in results:
         png = plots.curves_png(r.history, f"{r.variant} seed {r.seed}, version {r.version}")

@@ -152,6 +152,9 @@ def register_version(job: VariantJob, data: Dataset, result: FitResult):
         # and a rounded tag would let an equal newcomer "beat" the champion.
         "val_acc": repr(float(result.metrics["val/acc"])),
         "config_hash": job.training.hash(),
+        # `cifar-pipeline models --compare` summarises seeds from these.
+        **{tag: repr(float(result.metrics[key])) for key, tag in
+           (("val/acc_tta", "val_acc_tta"), ("test/acc", "test_acc")) if key in result.metrics},
     }
     # The version's model card is written from the final metrics, the config and the data.
     return registry.register(result.model, variant=job.training.variant, tags=tags,

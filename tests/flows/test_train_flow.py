@@ -149,6 +149,20 @@ def test_logs_figures_summary_and_config(
         assert matrix.sum() == 128
 
 
+def test_the_parent_run_summarises_the_seeds(
+    trained: dict[str, Any], client: mlflow.MlflowClient
+) -> None:
+    metrics = client.get_run(trained["mlflow_run_id"]).data.metrics
+    for variant in ("deep", "light"):
+        assert metrics[f"seeds/{variant}/val/acc/n"] == 1
+        assert metrics[f"seeds/{variant}/val/acc/mean"] == pytest.approx(
+            trained["val_acc"][f"{variant}-seed0"])
+        assert f"seeds/{variant}/val/acc/std" not in metrics  # one seed has no spread
+    # One seed per variant: no interval, anywhere.
+    assert not any(key.startswith("deep_minus_light/") for key in metrics)
+    assert trained["seed_stats"]["deep_minus_light"] == {"val/acc": None}
+
+
 def test_records_the_dataset_inputs(
     trained: dict[str, Any], client: mlflow.MlflowClient, small_data: Dataset
 ) -> None:

@@ -96,3 +96,22 @@ def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback():
     # A programming error, though a ValueError or a KeyError: None, so main re-raises it.
     for bug in (ValueError("bad shape"), KeyError("val/acc"), TypeError("x")):
         assert _error_message(bug, "cmd") is None
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_repeated_seeds_are_refused_by_the_precheck(command):
+    """main() runs a command's precheck before Prefect, MLflow or torch start (the
+    competition file's test above shows the order)."""
+    from model.config import ConfigError
+
+    args = _parser().parse_args([command, "--seeds", "2,0,2"])
+    with pytest.raises(ConfigError, match=r"^--seeds 2,0,2 repeats 2: give each seed once$"):
+        args.precheck(args)
+    distinct = _parser().parse_args([command, "--seeds", "2,0"])
+    distinct.precheck(distinct)
+
+
+def test_run_takes_several_seeds():
+    assert _parser().parse_args(["run", "--seeds", "0,1,2"]).seeds == [0, 1, 2]
+    assert _parser().parse_args(["run", "--seed", "3"]).seeds == [3]
+    assert _parser().parse_args(["models", "--compare"]).compare

@@ -59,3 +59,16 @@ def test_a_candidate_that_already_is_champion_is_not_promoted_again() -> None:
     assert not decision.promoted
     assert decision.champion_version == "5"
     assert "already champion" in decision.reason
+
+
+def test_the_comparison_table_gives_mean_std_and_n_over_seeds() -> None:
+    from tasks.promote import comparison_rows
+
+    results = [candidate("1", 0.94, "deep"), candidate("2", 0.95, "deep"),
+               candidate("3", 0.90)]
+    results[0].metrics["test/acc"] = 0.93
+    deep, light = comparison_rows(results)
+    assert (deep["variant"], deep["seeds"], deep["val acc %"]) == ("deep", "2",
+                                                                    "94.50 ± 0.71 (n=2)")
+    assert deep["test acc %"] == "93.00" and deep["val acc TTA %"] == "-"
+    assert (light["val acc %"], light["versions"]) == ("90.00", "3")
