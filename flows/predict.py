@@ -48,8 +48,8 @@ def read_inputs(paths: Iterable[str]) -> Inputs:
             continue
         path = Path(given)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir()
-                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            # Every entry named like an image: one that is not a regular file is reported.
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 out.failures.append((given, "no *.png, *.jpg or *.jpeg files in this folder"))
             for file in files:
@@ -106,7 +106,7 @@ def classify(inputs: Inputs, model_uri: str, *, tta: bool, device: str) -> dict:
 def table(result: dict) -> str:
     """file, class and confidence, one line per image, under the model it came from."""
     model = result["model"]
-    rows = [(r["file"], r["class"], f"{100 * r['confidence']:.1f}%")
+    rows = [(printable(r["file"]), r["class"], f"{100 * r['confidence']:.1f}%")
             for r in result["predictions"]]
     width = max([len("file"), *(len(r[0]) for r in rows)])
     lines = [f"{model['name']} version {model['version']} ({model['variant']}), "
@@ -116,12 +116,18 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """`text` on one line: a newline or other control character in a file's name is shown
+    escaped, so it can neither break a row of the table nor forge one."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run(paths: Sequence[str], model_uri: str, *, tta: bool, device: str, as_json: bool,
         out, err) -> int:
     """The predict command: 0 when every input was classified, 1 when any failed."""
     inputs = read_inputs(paths)
     for name, why in inputs.failures:
-        print(f"error: {name}: {why}", file=err)
+        print(printable(f"error: {name}: {why}"), file=err)
     if not inputs.names:
         print(f"error: none of the {len(paths)} input(s) could be read; nothing to classify",
               file=err)

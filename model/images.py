@@ -2,7 +2,8 @@
 
 How an image becomes 32x32, the same for every file:
 1. its EXIF orientation is applied (a phone's portrait photo stands upright);
-2. it is converted to RGB (grayscale and palette images expanded, transparency dropped);
+2. it is converted to RGB (grayscale and palette images expanded, transparency dropped,
+   16-bit grayscale scaled to 8 bits, not clipped);
 3. the largest centred square is cropped from it (no stretching), and that square is
    resized to 32x32 with a Lanczos filter (`PIL.ImageOps.fit`). A 32x32 image is kept as
    it is.
@@ -15,8 +16,8 @@ image (a decompression bomb) is refused without expanding it in memory.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,32 +37,34 @@ class ImageFileError(UserError, ValueError):
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """(32, 32, 3) uint8 RGB from the image file at `path`, made as the module says."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
+    try:  # non-blocking: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ImageFileError(f"cannot read it: {exc.strerror or exc}") from None
-    if size > MAX_FILE_BYTES:
-        raise ImageFileError(f"the file is {size / 2**20:.0f} MiB, over the "
-                             f"{MAX_FILE_BYTES // 2**20} MiB limit for an image")
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb warning: the explicit check below decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as im:  # reads the header only
-                _check_pixels(*im.size)
-                return _to_input(im)
-    except Image.DecompressionBombError:
-        # Pillow refuses at twice its own limit, before our check could run.
-        raise ImageFileError(f"the image declares more than {2 * Image.MAX_IMAGE_PIXELS:,} "
-                             "pixels: refusing to decode it (a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        raise ImageFileError(f"not a PNG or JPEG image ({size} bytes starting {head!r})") \
-            from None
-    except OSError as exc:  # truncated or corrupt data, or a read error
-        raise ImageFileError(f"cannot decode it: {exc}") from None
+    if not stat.S_ISREG((st := os.fstat(fd)).st_mode):
+        os.close(fd)
+        raise ImageFileError("not a regular file (a folder, FIFO, socket or device)")
+    with open(fd, "rb") as f:
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageFileError(f"the file is {st.st_size / 2**20:.0f} MiB, over the "
+                                 f"{MAX_FILE_BYTES // 2**20} MiB limit for an image")
+        try:
+            with warnings.catch_warnings():
+                # Pillow's own bomb warning: the explicit check below decides.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f, formats=FORMATS) as im:  # reads the header only
+                    _check_pixels(*im.size)
+                    return _to_input(im)
+        except Image.DecompressionBombError:
+            # Pillow refuses at twice its own limit, before our check could run.
+            raise ImageFileError(f"the image declares more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                                 "pixels: refusing to decode it (a decompression bomb?)") from None
+        except UnidentifiedImageError:
+            f.seek(0)
+            raise ImageFileError(f"not a PNG or JPEG image ({st.st_size} bytes starting "
+                                 f"{f.read(8)!r})") from None
+        except OSError as exc:  # truncated or corrupt data, or a read error
+            raise ImageFileError(f"cannot decode it: {exc}") from None
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -79,6 +82,8 @@ def _to_input(im: Image.Image) -> np.ndarray:
         # a 12-megapixel photo decodes in a fraction of the time and memory.
         im.draft("RGB", (2 * SIZE, 2 * SIZE))
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # 16-bit grayscale: Pillow's conversion would clip at 255
+        im = Image.fromarray(np.round(np.asarray(im, np.float32) / 257).astype(np.uint8))
     if im.mode != "RGB":
         im = im.convert("RGB")
     if im.size != (SIZE, SIZE):
