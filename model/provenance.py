@@ -32,3 +32,12 @@ def code_commit(root: Path = ROOT) -> str:
     except OSError:
         return "unknown"
     return recorded or "unknown"
+
+
+def installed_packages() -> str:
+    """`name==version` of every installed distribution, one a line, sorted: the package
+    set that ran, in a form `pip install -r` takes."""
+    from importlib.metadata import distributions
+
+    pins = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}
+    return "".join(f"{pin}\n" for pin in sorted(pins, key=str.lower))

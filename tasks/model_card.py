@@ -30,7 +30,9 @@ Trained by the cifar-pipeline `train-resnets` flow. Each version's description i
 model card: recipe, data, accuracy, provenance and how to use it.
 
 Aliases: `champion` (the most accurate on the same validation images), `deep` and
-`light` (the newest of each variant).
+`light` (the newest of each variant). The champion is chosen on validation accuracy, so
+its validation accuracy reads high; its test accuracy, where a labelled test split was
+given, took no part in the choice.
 
 Input: uint8 RGB images, shape (N, 32, 32, 3). Output: (N, 10) class probabilities in
 the order airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck.
@@ -71,6 +73,9 @@ def version_description(facts: CardFacts) -> str:
             out.append(f"| {label} | {100 * float(m[key]):.2f}% |")
     if "val/acc" not in m:
         out.append("| validation | not recorded |")
+    out += ["", "Validation accuracy chooses the `champion` (and, in `reference` and `paper`, "
+            "steps the learning rate), so it reads high for a chosen version; test accuracy "
+            "takes no part in either."]
     tta = ("average each image with its mirror image (flip TTA)" if facts.tta
            else "use each image as it is (no TTA)")
     out += ["", f"Predictions of the logged model {tta}.", ""]

@@ -123,7 +123,8 @@ def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], t
                 input_example=example,
                 # Explicit requirements: inferring them would import and run the model.
                 # The copied inference code needs nothing else (tasks/inference_code.py).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"numpy=={np.__version__}",
                                   f"mlflow=={mlflow.__version__}"],
                 params={k: str(v) for k, v in config.items()} or None,
             )

@@ -29,7 +29,7 @@ from model.checkpoint import CHECKPOINT_NAME
 from model.config import DataConfig, TrainConfig
 from model.data import Dataset
 from model.nets import summary
-from model.provenance import code_commit
+from model.provenance import code_commit, installed_packages
 from model.train import FitResult, fit
 from tasks import gpu, plots, registry
 from tasks.data import log_dataset
@@ -223,6 +223,7 @@ def _log_artifacts(job: VariantJob, data: Dataset, result: FitResult) -> None:
         (out / "model_summary.txt").write_text(summary(result.model).table() + "\n")
         (out / "config.json").write_text(json.dumps(job.training.to_dict(), indent=2))
         np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",")
+        (out / "packages.txt").write_text(installed_packages())  # the exact environment
         mlflow.log_artifacts(tmp)
 
 

@@ -132,7 +132,7 @@ def test_logs_figures_summary_and_config(
     for variant, mv in _versions(client).items():
         names = {a.path for a in client.list_artifacts(mv.run_id)}
         assert {"curves.png", "confusion_matrix.png", "model_summary.txt",
-                "config.json"} <= names, names
+                "config.json", "packages.txt"} <= names, names
         out = Path(client.download_artifacts(mv.run_id, "", str(tmp_path / variant)))
         for png in ("curves.png", "confusion_matrix.png"):
             with Image.open(io.BytesIO((out / png).read_bytes())) as image:
@@ -143,6 +143,8 @@ def test_logs_figures_summary_and_config(
         assert config["variant"] == variant
         assert config["epochs"] == 1
         assert f"{PARAMS[variant]:,}" in (out / "model_summary.txt").read_text()
+        # The exact package set that trained it.
+        assert f"numpy=={np.__version__}" in (out / "packages.txt").read_text().splitlines()
         # The confusion matrix counts every validation image once.
         matrix = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", dtype=np.int64)
         assert matrix.shape == (10, 10)

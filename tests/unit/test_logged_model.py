@@ -236,6 +236,11 @@ def test_the_version_carries_its_model_card(registered):
                      f"models:/{mv.source.rsplit('/', 1)[-1]}"):
         assert expected in card, expected
     assert "compile_mode" not in card  # a speed setting, not part of the recipe
+    assert "Validation accuracy chooses the `champion`" in card
+    assert "chosen on validation accuracy" in model_card.MODEL_DESCRIPTION
+    # The logged model's environment pins what the weights were saved with.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(mv.source)).read_text().split()
+    assert f"numpy=={np.__version__}" in requirements
     assert client.get_registered_model("cifar10-resnet").description == \
         model_card.MODEL_DESCRIPTION
     # The Prefect flow run is a tag on the version and on the run.
