@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import threading
-import time
 import urllib.error
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,23 +48,10 @@ Api = Callable[..., object]
 # ------------------------------------------------------------------------ applying
 
 
-# Prefect answers 503 for a database error it rolled back (on SQLite, SQLITE_BUSY: a busy or
-# just-restarted server), so repeating even a POST cannot apply it twice.
-UNAVAILABLE_RETRY_SECONDS = 30.0
-
-
 def prefect_api(api_url: str, headers: dict[str, str]) -> Api:
     def call(path: str, *, method: str = "GET", body: object = None):
-        deadline = time.monotonic() + UNAVAILABLE_RETRY_SECONDS
-        while True:
-            try:
-                raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method,
-                            body=body, timeout=15)
-                break
-            except urllib.error.HTTPError as e:
-                if e.code != 503 or time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method, body=body,
+                    timeout=15)
         return json.loads(raw) if raw else None
 
     return call

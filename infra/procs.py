@@ -1,34 +1,45 @@
-"""Process supervision shared by `infra/stack.py` and `infra/workers.py`.
+"""The stack's processes, run by supervisord (the `supervisor` package).
 
-Every background process (a server, a worker) runs in a session of its own, logs to
-`<state>/stack/logs/<name>.log` and has its pid in `<state>/stack/pids/<name>.pid`, with
-its command line and start time beside it in `<name>.json`. `stop` signals only a process
-that is still the one recorded (pid, start time and command line), and everything it
-started, flow runs in their own sessions included.
+One supervisord per state directory, started by `infra/stack.py up` (or
+`infra/workers.py start`) with its configuration in `<state>/stack/supervisor/`, its
+control socket there too (mode 0700) and each program's output in
+`<state>/stack/logs/<name>.log`. Every program restarts when it exits; one that dies
+within `START_SECONDS` of starting is retried `START_RETRIES` times, then left FATAL.
+
+The project's own part is small: which programs to run (one file per program, so that
+supervisord's `reloadConfig` tells what changed), reading their state, and
+`stop_processes`, the one process stopper (psutil): flow runs start sessions of their
+own, so stopping a worker's process group misses them, and supervisord killed with
+SIGKILL leaves its programs running. Every program's environment carries
+`CIFAR_STACK=<state>/stack`, which finds all of them, flow runs included.
 
 Also here, because every script needs them: the state directory, the console scripts of
-this virtualenv, and the env file `infra/stack.py up` writes. Standard library and
-`model.fileio` only.
+this virtualenv, and the env file `up` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import fcntl
 import os
+import re
 import shlex
-import signal
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import xmlrpc.client
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.fileio import atomic_write
+import psutil
 
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+START_SECONDS = 5  # a program must stay up this long to count as started
+START_RETRIES = 5  # quick deaths in a row before a program is left FATAL
+STACK_ENV = "CIFAR_STACK"  # in every program's environment: <state>/stack
+PROGRAM_ENV = "CIFAR_STACK_PROGRAM"  # ... and the program's name
 
 
 class StackError(RuntimeError):
@@ -49,8 +60,6 @@ def tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     if beside.is_file():
         return str(beside)
-    import shutil
-
     found = shutil.which(name)
     if found is None:
         raise StackError(f"`{name}` is not installed next to {sys.executable} nor on PATH; "
@@ -60,8 +69,35 @@ def tool(name: str) -> str:
 
 def write_text(path: Path, text: str, mode: int = 0o666) -> None:
     """`text` to `path` atomically; `mode` 0o600 for what holds credentials."""
+    from model.fileio import atomic_write  # here: `procs.py exec` runs without the repo
+
     with atomic_write(path, mode, text=True) as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str) -> Iterator[None]:
+    """An exclusive flock on `path`, waiting (and saying so) while another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {what} ...", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def log_path(root: Path, name: str) -> Path:
+    return root / "logs" / f"{name}.log"
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
 
 
 # ------------------------------------------------------------------------- env file
@@ -79,226 +115,249 @@ def read_env_file(path: Path) -> dict[str, str]:
     them (values shell-quoted)."""
     env = {}
     for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        words = shlex.split(line)
-        if words and words[0] == "export":
-            words = words[1:]
-        for word in words:
+        words = shlex.split(line, comments=True)
+        for word in words[1:] if words[:1] == ["export"] else words:
             name, sep, value = word.partition("=")
             if sep:
                 env[name] = value
     return env
 
 
-def log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
+# --------------------------------------------------------------------------- stopping
 
 
-# ------------------------------------------------------------------------ /proc
+def stop_processes(procs: Iterable[psutil.Process], timeout: float = STOP_TIMEOUT) -> int:
+    """SIGTERM to each, SIGKILL to those still alive after `timeout`; how many were killed."""
+    procs = list(procs)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
 
 
-def proc_stat(pid: int) -> tuple[str, int, int, int, int] | None:
-    """(state, ppid, pgid, session, start time in clock ticks) of a live pid, else None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) is in parentheses and may itself contain spaces.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+def stack_processes(root: Path) -> list[psutil.Process]:
+    """Every live process of this stack: those whose environment names `root` (programs,
+    what they started, flow runs), but not this process."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get(STACK_ENV) == str(root):
+                found.append(p)
+    return found
 
 
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def alive(pid: int, start_time: int | None = None) -> bool:
-    """Is `pid` a live process (and the one started at `start_time`, if given)?"""
-    stat = proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return start_time is None or stat[4] == start_time
-
-
-def matches(record: Mapping, pid: int | None = None) -> bool:
-    """Is the process `record` describes still the one that was started?
-
-    The pid alone is not enough (pids are reused): the process must also have the
-    recorded start time and a command line ending with the recorded arguments (the
-    interpreter in front of a console script may differ from argv[0])."""
-    pid = record.get("pid") if pid is None else pid
-    if not isinstance(pid, int) or pid <= 0 or not alive(pid, record.get("start_time")):
-        return False
-    tail = list(record.get("argv", []))[1:]
-    return bool(tail) and cmdline(pid)[-len(tail) :] == tail
-
-
-def _process_table() -> dict[int, tuple[str, int, int, int, int]]:
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = proc_stat(int(entry.name))
-            if stat is not None:
-                table[int(entry.name)] = stat
-    return table
-
-
-def family(pid: int, *, leader_alive: bool) -> dict[int, int]:
-    """{pid: start time} of everything `pid` started: its session, its process group,
-    and its descendants (flow runs start their own sessions, so the session alone
-    misses them). Without a live leader, only the members of its session or group:
-    Linux reuses no pid while a session or group of that id exists, so those are the
-    leader's orphans, not strangers."""
-    table = {p: s for p, s in _process_table().items() if s[0] not in ("Z", "X")}
-    members = {p for p, s in table.items() if s[3] == pid or s[2] == pid}
-    if leader_alive:
-        members.add(pid)
-    children: dict[int, list[int]] = {}
-    for p, s in table.items():
-        children.setdefault(s[1], []).append(p)
-    todo = list(members)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in members:
-                members.add(child)
-                todo.append(child)
-    return {p: table[p][4] for p in members if p in table}
-
-
-# ------------------------------------------------------------------ records, spawn
+# ------------------------------------------------------------------------ supervisord
 
 
 @dataclass(frozen=True)
-class Spec:
-    """A process to run in the background: `name` names its pid and log files."""
+class Program:
+    """A process supervisord keeps running; `name` names its log file too."""
 
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # the complete environment
     cwd: str | None = None
+    user: str | None = None  # run as this user (supervisord must be root)
+    stop_signal: str = "TERM"
+    # Stop what an earlier run left behind before starting: a server killed with SIGKILL
+    # leaves its worker processes holding its port.
+    fresh: bool = False
+
+    def section(self, root: Path) -> str:
+        env = {**self.env, STACK_ENV: str(root), PROGRAM_ENV: self.name}
+        argv = self.argv
+        if self.fresh:
+            argv = [sys.executable, str(Path(__file__).resolve()), "exec", "--", *argv]
+        # supervisord expands %(...)s in values: a literal % is written %%.
+        quote = lambda v: '"' + v.replace("%", "%%").replace('"', '\\"') + '"'  # noqa: E731
+        lines = [
+            f"[program:{self.name}]",
+            "command=" + " ".join(shlex.quote(a).replace("%", "%%") for a in argv),
+            "environment=" + ",".join(f"{k}={quote(v)}" for k, v in sorted(env.items())),
+            f"directory={self.cwd or root}",
+            "autostart=true",
+            "autorestart=true",
+            f"startsecs={START_SECONDS}",
+            f"startretries={START_RETRIES}",
+            f"stopsignal={self.stop_signal}",
+            f"stopwaitsecs={STOP_TIMEOUT:.0f}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={log_path(root, self.name)}",
+        ]
+        if self.user:
+            lines.append(f"user={self.user}")
+        return "\n".join(lines) + "\n"
 
 
-def pid_path(root: Path, name: str) -> Path:
-    return root / "pids" / f"{name}.pid"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def log_path(root: Path, name: str) -> Path:
-    return root / "logs" / f"{name}.log"
+class Supervisor:
+    """The state directory's supervisord: its programs, started, changed and stopped."""
 
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "supervisor"
+        self.socket = self.home / "supervisor.sock"
+        self.programs_dir = self.home / "programs"
+        self.log = root / "logs" / "supervisord.log"
 
-def read_record(root: Path, name: str) -> dict | None:
-    """What `spawn` recorded about `name`, or None if nothing (valid) was."""
-    meta = pid_path(root, name).with_suffix(".json")
-    try:
-        record = json.loads(meta.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+    # ---- the daemon
 
+    def _rpc(self):
+        from supervisor.xmlrpc import SupervisorTransport
 
-def records(root: Path, prefix: str = "") -> dict[str, dict]:
-    out = {}
-    for meta in sorted((root / "pids").glob(f"{prefix}*.json")):
-        record = read_record(root, meta.stem)
-        if record is not None:
-            out[meta.stem] = record
-    return out
+        transport = SupervisorTransport(serverurl=f"unix://{self.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
+    def running(self) -> bool:
+        try:
+            return self._rpc().getState()["statename"] == "RUNNING"
+        except (OSError, xmlrpc.client.Error):
+            return False
 
-def running(root: Path, name: str) -> dict | None:
-    """The record of `name` if its process is alive and is the one recorded."""
-    record = read_record(root, name)
-    return record if record is not None and matches(record) else None
+    def start(self) -> None:
+        """supervisord, unless it runs already. Processes an earlier one left behind (it
+        was killed, say) are stopped first: they hold the ports and data directories."""
+        if self.running():
+            return
+        if len(str(self.socket)) > 100:  # AF_UNIX paths end at 107 bytes
+            raise StackError(f"the state directory's path is too long for supervisord's "
+                             f"socket ({self.socket}); choose a shorter --state-dir")
+        leftovers = stack_processes(self.root)
+        if leftovers:
+            killed = stop_processes(leftovers)
+            print(f"  stopped {len(leftovers)} process(es) an earlier supervisord left "
+                  f"({killed} killed)")
+        self.programs_dir.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        conf = self.home / "supervisord.conf"
+        write_text(conf, "\n".join([
+            "[unix_http_server]", f"file={self.socket}", "chmod=0700", "",
+            "[supervisord]", f"logfile={self.log}", f"pidfile={self.home / 'supervisord.pid'}",
+            f"directory={self.root}", f"childlogdir={self.root / 'logs'}", "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "", "[include]", f"files={self.programs_dir}/*.conf", "",
+        ]))
+        env = {k: v for k, v in os.environ.items() if k != STACK_ENV}
+        env[STACK_ENV] = str(self.root)
+        # supervisord daemonizes: it is in a session of its own once this returns.
+        result = subprocess.run([tool("supervisord"), "-c", str(conf)], env=env,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=30)
+        deadline = time.monotonic() + 15
+        while not self.running():
+            if time.monotonic() > deadline or result.returncode != 0:
+                raise StackError(f"supervisord did not start ({result.returncode}): "
+                                 f"{result.stderr.strip() or 'no output'}; see {self.log}")
+            time.sleep(0.2)
 
-
-def spawn(root: Path, spec: Spec) -> subprocess.Popen:
-    """Start `spec` in a session of its own, output appended to its log, pid recorded."""
-    log = log_path(root, spec.name)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        out.write(f"\n=== {stamp} starting: {shlex.join(spec.argv)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            spec.argv, env=spec.env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-        )
-    # exec() lets Popen return a moment before the kernel sets the new command line.
-    deadline = time.monotonic() + 5
-    while not cmdline(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stat = proc_stat(proc.pid)
-    record = {"pid": proc.pid, "argv": spec.argv, "start_time": stat[4] if stat else None,
-              "log": str(log), "started_at": time.time()}
-    # The record before the pid file: whoever sees the pid file can check the record.
-    write_text(pid_path(root, spec.name).with_suffix(".json"), json.dumps(record))
-    write_text(pid_path(root, spec.name), f"{proc.pid}\n")
-    return proc
-
-
-# -------------------------------------------------------------------------- stop
-
-
-def _signal_all(procs: Mapping[int, int], sig: int) -> None:
-    for p, start in procs.items():
-        if alive(p, start):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
-
-
-def stop(root: Path, name: str, timeout: float = STOP_TIMEOUT) -> str:
-    """Stop what `spawn` started as `name` (SIGTERM, then SIGKILL after `timeout`) and
-    remove its pid files. Returns one line saying what happened."""
-    record = read_record(root, name)
-    pid_file = pid_path(root, name)
-    if record is None:
-        pid_file.unlink(missing_ok=True)
-        return f"{name}: no record"
-    pid = record["pid"]
-    if matches(record):
-        procs = family(pid, leader_alive=True)
-    elif alive(pid):
-        # The pid now belongs to some other program: not ours to signal.
-        procs = {}
-    else:
-        procs = family(pid, leader_alive=False)
-    if procs:
-        _signal_all(procs, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(alive(p, s) for p, s in procs.items()):
-            time.sleep(0.1)
-        # Whatever appeared in the meantime (a flow run's children) goes too.
-        if matches(record):
-            procs = {**procs, **family(pid, leader_alive=True)}
-        survivors = {p: s for p, s in procs.items() if alive(p, s)}
-        _signal_all(survivors, signal.SIGKILL)
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError, xmlrpc.client.Error):
+            self._rpc().shutdown()
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(alive(p, s) for p, s in survivors.items()):
-            time.sleep(0.05)
-        how = f"killed {len(survivors)} after {timeout:.0f} s" if survivors else "terminated"
-        what = f"{name}: stopped pid {pid} and {len(procs) - 1} more ({how})"
-    elif alive(pid):
-        what = f"{name}: pid {pid} is now another program; left it alone"
-    else:
-        what = f"{name}: was not running"
-    pid_file.with_suffix(".json").unlink(missing_ok=True)
-    pid_file.unlink(missing_ok=True)
-    return what
+        while self.socket.exists() and self.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # ---- programs
+
+    def programs(self) -> list[str]:
+        return sorted(p.stem for p in self.programs_dir.glob("*.conf"))
+
+    def apply(self, programs: Sequence[Program], remove: Iterable[str] = ()) -> list[str]:
+        """Run `programs` (new ones started, changed ones restarted, unchanged ones left
+        alone) and stop and drop those named in `remove`. Returns what changed."""
+        for program in programs:
+            if not _NAME.match(program.name):
+                raise ValueError(f"program name {program.name!r}: letters, digits, _ . - only")
+            write_text(self.programs_dir / f"{program.name}.conf", program.section(self.root),
+                       mode=0o600)  # environments hold the stack's credentials
+        gone = set(remove) - {p.name for p in programs}
+        for name in gone:
+            (self.programs_dir / f"{name}.conf").unlink(missing_ok=True)
+        rpc = self._rpc()
+        [[added, changed, removed]] = rpc.reloadConfig()
+        for name in changed + removed:
+            self._stop(rpc, name)
+            rpc.removeProcessGroup(name)
+        for name in changed + added:
+            rpc.addProcessGroup(name)
+        return [f"{n}: started" for n in added] + [f"{n}: restarted (changed)" for n in changed] \
+            + [f"{n}: stopped" for n in removed]
+
+    def _stop(self, rpc, name: str) -> None:
+        """Stop a program and whatever it started in sessions of its own (flow runs)."""
+        try:
+            pid = rpc.getProcessInfo(name)["pid"]
+            family = psutil.Process(pid).children(recursive=True) if pid else []
+        except (psutil.Error, xmlrpc.client.Fault):
+            family = []
+        with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING
+            rpc.stopProcess(name)
+        stop_processes(p for p in family if p.is_running())
+
+    def stop(self, names: Iterable[str]) -> None:
+        """Stop and drop these programs (workers first, then servers, as given)."""
+        rpc = self._rpc()
+        for name in names:
+            self._stop(rpc, name)
+            with contextlib.suppress(xmlrpc.client.Fault):
+                rpc.removeProcessGroup(name)
+            (self.programs_dir / f"{name}.conf").unlink(missing_ok=True)
+
+    def info(self) -> dict[str, dict]:
+        """{name: supervisord's process info} (statename, pid, exitstatus, description)."""
+        if not self.running():
+            return {}
+        return {p["name"]: p for p in self._rpc().getAllProcessInfo()}
+
+    def wait_running(self, name: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.info().get(name, {})
+            if state.get("statename") == "RUNNING" or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
+    def restarts(self) -> dict[str, tuple[int, str]]:
+        """{program: (unexpected exits, the last one's time and status)} since supervisord
+        started, from its log."""
+        found: dict[str, tuple[int, str]] = {}
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return found
+        for line in text.split("supervisord started with pid")[-1].splitlines():
+            match = re.search(r"exited: (\S+) \((.*); not expected\)", line)
+            if match:
+                count, _ = found.get(match.group(1), (0, ""))
+                found[match.group(1)] = (count + 1, f"{line[:19]} {match.group(2)}")
+        return found
 
 
-def stop_many(root: Path, names: Sequence[str]) -> list[str]:
-    """`stop` each of `names`, all signalled at once so their timeouts overlap."""
-    if len(names) <= 1:
-        return [stop(root, n) for n in names]
-    with ThreadPoolExecutor(len(names)) as pool:
-        return list(pool.map(lambda n: stop(root, n), names))
+def exec_fresh(argv: Sequence[str]) -> None:
+    """Stop the leftovers of this program's earlier runs, then become `argv`."""
+    name, root = os.environ[PROGRAM_ENV], Path(os.environ[STACK_ENV])
+    stale = []
+    for p in stack_processes(root):
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get(PROGRAM_ENV) == name:
+                stale.append(p)
+    if stale:
+        print(f"stopping {len(stale)} process(es) an earlier {name} left", flush=True)
+        stop_processes(stale)
+    os.execvp(argv[0], list(argv))
+
+
+if __name__ == "__main__":  # supervisord runs `procs.py exec -- ARGV` for fresh programs
+    if sys.argv[1:3] != ["exec", "--"] or len(sys.argv) < 4:
+        sys.exit("usage: procs.py exec -- COMMAND [ARG...]")
+    exec_fresh(sys.argv[3:])

@@ -184,31 +184,27 @@ def _reported_since(worker: Mapping, started_at: float) -> bool:
     return datetime.fromisoformat(beat).timestamp() >= started_at - 1
 
 
-def ensure_workers(stack: Stack, plan: Sequence[workers.Worker],
-                   timeout: float = WORKER_TIMEOUT) -> None:
+def ensure_workers(stack: Stack, supervisor: procs.Supervisor,
+                   plan: Sequence[workers.Worker], timeout: float = WORKER_TIMEOUT) -> None:
     root = stack.root
     keep = {w.file_name for w in plan}
     for line in workers.stop_workers(root, keep=keep):
         print(f"  {line} (no longer wanted)")
-    env = tool_env(stack)
-    for worker, pid, started in workers.start_workers(root, plan, env, cwd=str(REPO)):
-        gpu = "no GPU" if worker.gpu is None else f"GPU {worker.gpu}"
-        state = "started" if started else "already running"
-        print(f"  worker {worker.name} on pool {worker.pool} ({gpu}, limit {worker.limit}): "
-              f"pid {pid}, {state}")
-    # Up means the workers poll: wait until each has reported to its pool.
+    for line in workers.start_workers(root, plan, tool_env(stack), cwd=str(REPO)):
+        print(f"  {line}")
+    # Up means the workers poll: wait until each has reported to its pool since it started
+    # (its pool may still list an earlier process of the same name as online).
     deadline = time.monotonic() + timeout
     missing = {(w.pool, w.name) for w in plan}
-    # A worker that was just (re)started must report anew: its pool may still list an
-    # earlier process of the same name as online.
-    since = {(w.pool, w.name): (procs.read_record(root, w.file_name) or {}).get("started_at", 0)
-             for w in plan}
+    info = supervisor.info()
+    since = {(w.pool, w.name): info.get(w.file_name, {}).get("start", 0) for w in plan}
     while missing:
+        info = supervisor.info()
         for w in plan:
-            if (w.pool, w.name) in missing and procs.running(root, w.file_name) is None:
+            if (w.pool, w.name) in missing and info[w.file_name]["statename"] == "FATAL":
                 log = procs.log_path(root, w.file_name)
-                raise StackError(f"worker {w.name} exited while starting; its log, {log}, "
-                                 f"ends:\n{procs.log_tail(log)}")
+                raise StackError(f"worker {w.name} kept exiting while starting; its log, "
+                                 f"{log}, ends:\n{procs.log_tail(log)}")
         for pool in {p for p, _ in missing}:
             with contextlib.suppress(OSError, ValueError):
                 for name, seen in read_pool_workers(stack, pool).items():
@@ -221,5 +217,3 @@ def ensure_workers(stack: Stack, plan: Sequence[workers.Worker],
         if missing:
             time.sleep(1)
     print(f"  {len(plan)} worker(s) online")
-
-

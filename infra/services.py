@@ -1,8 +1,14 @@
 """The local stack's services: its settings (ports, S3 endpoint, auth, kept in
-`<state>/stack/stack.json`), credentials, environments, and the servers themselves (moto's
-S3, `prefect server`, `mlflow server`, the alert receiver of `infra/alerts.py`): how each
-starts, how it is checked, and `ensure_services`, which starts what is not already running
-and answering.
+`<state>/stack/stack.json`), credentials, environments, and the service table: how each
+server runs under supervisord and how it is checked.
+
+| service  | program                      | data                              |
+|----------|------------------------------|-----------------------------------|
+| postgres | PostgreSQL (Debian's)        | `<state>/stack/postgres/`         |
+| s3       | SeaweedFS `weed server -s3`  | `<state>/stack/s3/`               |
+| prefect  | `prefect server start`       | database `prefect` on postgres    |
+| mlflow   | `mlflow server`              | database `mlflow`, artifacts on s3 |
+| alerts   | `infra/alerts.py serve`      | `<state>/stack/alerts.jsonl`      |
 """
 
 from __future__ import annotations
@@ -12,25 +18,15 @@ import json
 import os
 import secrets
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from infra.procs import (
-    Spec,
-    StackError,
-    log_path,
-    log_tail,
-    running,
-    spawn,
-    stop,
-    tool,
-    write_text,
-)
+from infra import postgres
+from infra.procs import Program, StackError, tool, write_text
 from tasks.settings import sqlite_uri
 
 HOST = "127.0.0.1"  # every service binds here: nothing is reachable from other machines
@@ -38,12 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACT_BUCKET = "cifar-mlflow"
 OBJECT_BUCKET = "cifar-pipeline"
 HEALTH_TIMEOUT = 180.0  # seconds for all services to answer; Prefect's first start migrates
-MOTO_ENV = {
+S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",  # pyarrow would ask EC2 for a region otherwise
 }
 MLFLOW_USER = "admin"
 PREFECT_USER = "admin"
+# SeaweedFS listens on an HTTP and a gRPC port per part; all of them get free ports.
+S3_PORTS = ("s3", "s3-grpc", "s3-master", "s3-master-grpc", "s3-volume", "s3-volume-grpc",
+            "s3-filer", "s3-filer-grpc")
+PORTS = ("postgres", *S3_PORTS, "prefect", "mlflow", "alerts")
 
 
 # --------------------------------------------------------------------- configuration
@@ -55,7 +55,7 @@ class Stack:
 
     root: Path  # <state>/stack
     ports: dict[str, int]
-    s3_external: str | None  # an endpoint of the user's; None: moto on ports["moto"]
+    s3_external: str | None  # an endpoint of the user's; None: SeaweedFS on ports["s3"]
     auth: bool
 
     @property
@@ -68,7 +68,7 @@ class Stack:
 
     @property
     def s3_endpoint(self) -> str:
-        return self.s3_external or f"http://{HOST}:{self.ports['moto']}"
+        return self.s3_external or f"http://{HOST}:{self.ports['s3']}"
 
     @property
     def prefect_url(self) -> str:
@@ -90,8 +90,13 @@ class Stack:
     def alerts_file(self) -> Path:
         return self.root / "alerts.jsonl"
 
+    def stages(self) -> list[list[str]]:
+        """The services in the order they start: the databases first, then their users."""
+        return [["postgres"] + (["s3"] if self.s3_external is None else []),
+                ["prefect", "mlflow", "alerts"]]
+
     def services(self) -> list[str]:
-        return (["moto"] if self.s3_external is None else []) + ["prefect", "mlflow", "alerts"]
+        return [name for stage in self.stages() for name in stage]
 
     def save(self) -> None:
         body = {"host": HOST, "ports": self.ports, "s3_external_endpoint": self.s3_external,
@@ -145,10 +150,9 @@ def port_free(port: int) -> bool:
 
 def _new_secrets() -> dict[str, str]:
     return {
-        # moto accepts any credentials: each stack gets its own random pair, so that no
-        # real key is ever handed to it and a leak of these is recognisable.
         "s3_access_key_id": f"STACK{secrets.token_hex(8).upper()}",
         "s3_secret_access_key": secrets.token_urlsafe(30),
+        "postgres_password": secrets.token_urlsafe(24),
         "mlflow_admin_password": secrets.token_urlsafe(24),
         "mlflow_flask_secret_key": secrets.token_urlsafe(32),
         "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(24)}",
@@ -156,8 +160,8 @@ def _new_secrets() -> dict[str, str]:
 
 
 def secrets_for(stack: Stack) -> dict[str, str]:
-    """Credentials generated on the first `up` and kept (0600) for later ones: the MLflow
-    admin user is created with the first password it is given."""
+    """Credentials generated on the first `up` and kept (0600) for later ones: the
+    database, the S3 identity and the MLflow admin user keep the first ones they got."""
     path = stack.root / "secrets.json"
     values = json.loads(path.read_text()) if path.exists() else {}
     missing = {k: v for k, v in _new_secrets().items() if k not in values}
@@ -167,10 +171,10 @@ def secrets_for(stack: Stack) -> dict[str, str]:
     return values
 
 
-def moto_env(stack: Stack) -> dict[str, str]:
-    """What clients of the stack's moto server (and moto itself) are given."""
+def s3_env(stack: Stack) -> dict[str, str]:
+    """What clients of the stack's S3 server are given: its region and credentials."""
     secret = secrets_for(stack)
-    return {**MOTO_ENV, "AWS_ACCESS_KEY_ID": secret["s3_access_key_id"],
+    return {**S3_ENV, "AWS_ACCESS_KEY_ID": secret["s3_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": secret["s3_secret_access_key"]}
 
 
@@ -204,14 +208,13 @@ def client_env(stack: Stack) -> dict[str, str]:
         "CIFAR_PROJECT_DIR": os.environ.get("CIFAR_PROJECT_DIR") or str(REPO),
     }
     if stack.s3_external is None:
-        env.update(moto_env(stack))
+        env.update(s3_env(stack))
     if stack.auth:
         secret = secrets_for(stack)
         env["PREFECT_API_AUTH_STRING"] = secret["prefect_api_auth_string"]
         env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_USER
         env["MLFLOW_TRACKING_PASSWORD"] = secret["mlflow_admin_password"]
     return env
-
 
 
 def _base_env() -> dict[str, str]:
@@ -222,7 +225,8 @@ def _base_env() -> dict[str, str]:
                  "PREFECT_API_DATABASE_CONNECTION_URL",
                  "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI",
                  "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+                 "PGPASSWORD", "PGUSER", "PGHOST", "PGPORT", "PGDATABASE"):
         env.pop(name, None)
     return env
 
@@ -241,56 +245,85 @@ def tool_env(stack: Stack) -> dict[str, str]:
     return env
 
 
-# --------------------------------------------------------------------------- services
+# ---------------------------------------------------------------------- the programs
 
 
-def service_spec(stack: Stack, name: str) -> Spec:
-    port = str(stack.ports[name])
+def _s3_program(stack: Stack) -> Program:
+    """SeaweedFS: master, volume server, filer and S3 gateway in one process, its data
+    (objects and the filer's metadata) under <state>/stack/s3."""
+    secret = secrets_for(stack)
+    identity = {"identities": [{
+        "name": "stack",
+        "credentials": [{"accessKey": secret["s3_access_key_id"],
+                         "secretKey": secret["s3_secret_access_key"]}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }]}
+    config = stack.root / "s3-identities.json"
+    write_text(config, json.dumps(identity, indent=2) + "\n", mode=0o600)
+    data = stack.root / "s3"
+    data.mkdir(parents=True, exist_ok=True)
+    p = stack.ports
+    argv = [tool("weed"), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-master.port={p['s3-master']}", f"-master.port.grpc={p['s3-master-grpc']}",
+            f"-volume.port={p['s3-volume']}", f"-volume.port.grpc={p['s3-volume-grpc']}",
+            f"-filer.port={p['s3-filer']}", f"-filer.port.grpc={p['s3-filer-grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3-grpc']}",
+            f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false",
+            # Volumes of 512 MB, as many as the disk holds, instead of 8 of 30 GB.
+            "-master.volumeSizeLimitMB=512", "-volume.max=0"]
+    return Program("s3", argv, _base_env(), str(stack.root))
+
+
+def _prefect_program(stack: Stack) -> Program:
+    home = prefect_home(stack)
+    home.mkdir(parents=True, exist_ok=True)
+    password = secrets_for(stack)["postgres_password"]
     env = _base_env()
-    if name == "moto":
-        env.update(moto_env(stack))
-        argv = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", port]
-        return Spec(name, argv, env, str(stack.root))
-    if name == "prefect":
-        home = prefect_home(stack)
-        home.mkdir(parents=True, exist_ok=True)
-        env.update(
-            PREFECT_HOME=str(home),
-            PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite_uri(home / "prefect.db",
-                                                              "sqlite+aiosqlite"),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            # The UI's browser code calls this URL; its default is port 4200.
-            PREFECT_UI_API_URL=f"{stack.prefect_api}",
-            # Links in automation messages (`flow_run|ui_url`); none without it.
-            PREFECT_UI_URL=stack.prefect_url,
-        )
-        if stack.auth:
-            env["PREFECT_SERVER_API_AUTH_STRING"] = secrets_for(stack)["prefect_api_auth_string"]
-        argv = [tool("prefect"), "server", "start", "--host", HOST, "--port", port]
-        return Spec(name, argv, env, str(stack.root))
-    if name == "mlflow":
-        env.update(
-            MLFLOW_S3_ENDPOINT_URL=stack.s3_endpoint,
-            # The job runner (huey consumers for GenAI jobs) is not used by this project.
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        )
-        if stack.s3_external is None:
-            env.update(moto_env(stack))
-        argv = [tool("mlflow"), "server", "--host", HOST, "--port", port,
-                "--backend-store-uri", sqlite_uri(stack.root / "mlflow.db"),
-                "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts",
-                "--workers", "1"]
-        if stack.auth:
-            secret = secrets_for(stack)
-            env["MLFLOW_AUTH_CONFIG_PATH"] = str(mlflow_auth_config(stack, secret))
-            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret["mlflow_flask_secret_key"]
-            argv += ["--app-name", "basic-auth"]
-        return Spec(name, argv, env, str(stack.root))
-    if name == "alerts":
-        argv = [sys.executable, str(REPO / "infra" / "alerts.py"), "serve", "--host", HOST,
-                "--port", port, "--out", str(stack.alerts_file)]
-        return Spec(name, argv, env, str(stack.root))
-    raise ValueError(f"unknown service {name!r}")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres.url(
+            stack, "prefect", "postgresql+asyncpg", password=quote(password, safe="")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The UI's browser code calls this URL; its default is port 4200.
+        PREFECT_UI_API_URL=stack.prefect_api,
+        # Links in automation messages (`flow_run|ui_url`); none without it.
+        PREFECT_UI_URL=stack.prefect_url,
+    )
+    if stack.auth:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = secrets_for(stack)["prefect_api_auth_string"]
+    argv = [tool("prefect"), "server", "start", "--host", HOST, "--port",
+            str(stack.ports["prefect"])]
+    return Program("prefect", argv, env, str(stack.root), fresh=True)
+
+
+def _mlflow_program(stack: Stack) -> Program:
+    secret = secrets_for(stack)
+    env = _base_env()
+    env.update(
+        MLFLOW_S3_ENDPOINT_URL=stack.s3_endpoint,
+        PGPASSWORD=secret["postgres_password"],  # libpq's; kept out of the command line
+        # The job runner (huey consumers for GenAI jobs) is not used by this project.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+    )
+    if stack.s3_external is None:
+        env.update(s3_env(stack))
+    argv = [tool("mlflow"), "server", "--host", HOST, "--port", str(stack.ports["mlflow"]),
+            "--backend-store-uri", postgres.url(stack, "mlflow", "postgresql"),
+            "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts"]
+    if stack.auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(mlflow_auth_config(stack, secret))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret["mlflow_flask_secret_key"]
+        argv += ["--app-name", "basic-auth"]
+    return Program("mlflow", argv, env, str(stack.root), fresh=True)
+
+
+def _alerts_program(stack: Stack) -> Program:
+    argv = [sys.executable, "-m", "infra.alerts", "serve", "--host", HOST, "--port",
+            str(stack.ports["alerts"]), "--out", str(stack.alerts_file)]
+    return Program("alerts", argv, _base_env(), str(REPO))
 
 
 def _basic(credentials: str) -> str:
@@ -332,7 +365,7 @@ def s3_client(stack: Stack):
 
     options = {}
     if stack.s3_external is None:
-        env = moto_env(stack)
+        env = s3_env(stack)
         options = {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
                    "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -341,60 +374,37 @@ def s3_client(stack: Stack):
                         config=config, **options)
 
 
+# ------------------------------------------------------------------- the service table
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    url: Callable[[Stack], str]
+    program: Callable[[Stack], Program]
+    check: Callable[[Stack], object]  # raises unless the service answers
+
+
+SERVICES = {s.name: s for s in [
+    Service("postgres", lambda st: f"postgresql://{HOST}:{st.ports['postgres']}",
+            postgres.program,
+            lambda st: postgres.connect(st, secrets_for(st)["postgres_password"]).close()),
+    Service("s3", lambda st: st.s3_endpoint, _s3_program,
+            lambda st: s3_client(st).list_buckets()),
+    Service("prefect", lambda st: st.prefect_url, _prefect_program,
+            lambda st: fetch(f"{st.prefect_api}/health", prefect_headers(st))),
+    # /health answers without credentials even with basic-auth.
+    Service("mlflow", lambda st: st.mlflow_url, _mlflow_program,
+            lambda st: fetch(f"{st.mlflow_url}/health")),
+    Service("alerts", lambda st: st.alerts_url, _alerts_program,
+            lambda st: fetch(f"{st.alerts_url}/")),
+]}
+
+
 def healthy(stack: Stack, name: str) -> bool:
     """Does the service answer its health check right now?"""
     try:
-        if name == "moto":
-            s3_client(stack).list_buckets()
-        elif name == "prefect":
-            fetch(f"{stack.prefect_api}/health", prefect_headers(stack))
-        elif name == "mlflow":
-            fetch(f"{stack.mlflow_url}/health")  # unauthenticated even with basic-auth
-        elif name == "alerts":
-            fetch(f"{stack.alerts_url}/")
-        else:
-            raise ValueError(f"unknown service {name!r}")
+        SERVICES[name].check(stack)
     except Exception:  # any failure to answer is "down"; the log says why
         return False
     return True
-
-
-def wait_healthy(stack: Stack, started: Mapping[str, subprocess.Popen], timeout: float) -> None:
-    pending = dict(started)
-    deadline = time.monotonic() + timeout
-    while pending:
-        for name, proc in list(pending.items()):
-            log = log_path(stack.root, name)
-            if proc.poll() is not None:
-                raise StackError(f"{name} exited with status {proc.returncode} while "
-                                 f"starting; its log, {log}, ends:\n{log_tail(log)}")
-            if healthy(stack, name):
-                print(f"  {name:<8} up after {time.monotonic() - deadline + timeout:.1f} s")
-                del pending[name]
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(pending)
-            raise StackError(f"{names} did not answer in {timeout:.0f} s; see "
-                             + ", ".join(str(log_path(stack.root, n)) for n in pending))
-        if pending:
-            time.sleep(0.5)
-
-
-def ensure_services(stack: Stack, timeout: float) -> None:
-    started = {}
-    for name in stack.services():
-        record = running(stack.root, name)
-        wanted = service_spec(stack, name)
-        if record is not None and record.get("argv") == wanted.argv and healthy(stack, name):
-            print(f"  {name:<8} already running (pid {record['pid']})")
-            continue
-        if record is not None:
-            print(f"  {stop(stack.root, name)} (not answering or other settings)")
-        port = stack.ports[name]
-        if not port_free(port):
-            raise StackError(f"port {port} for {name} is taken by a process this stack did "
-                             f"not start; stop it, or delete {stack.config_path} so that "
-                             "`up` picks new ports")
-        started[name] = spawn(stack.root, wanted)
-        print(f"  {name:<8} starting on {HOST}:{port} (pid {started[name].pid})")
-    wait_healthy(stack, started, timeout)
-

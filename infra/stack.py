@@ -1,107 +1,85 @@
-"""The local stack: Prefect server, MLflow server, S3 (moto) and workers, on 127.0.0.1.
+"""The local stack: PostgreSQL, SeaweedFS's S3, the Prefect and MLflow servers and the
+workers, on 127.0.0.1, kept running by supervisord.
 
     python infra/stack.py up [--state-dir DIR] [--workers N] [--cpu-slots] [--no-deploy]
                              [--cpu-pool-workers N] [--auth | --no-auth] [--timeout S]
     python infra/stack.py status [--state-dir DIR]
     python infra/stack.py down [--state-dir DIR]
 
-`up` starts what is not already running, each in its own session with its log in
-`<state>/stack/logs/` and its pid in `<state>/stack/pids/`:
-  - moto's S3 server, unless CIFAR_S3_ENDPOINT or AWS_ENDPOINT_URL_S3 names an endpoint;
-  - `prefect server start` (SQLite under `<state>/stack/prefect`);
-  - `mlflow server` (SQLite `<state>/stack/mlflow.db`, artifacts proxied to
-    s3://cifar-mlflow/artifacts);
-  - the alert receiver of `infra/alerts.py` (appends to `<state>/stack/alerts.jsonl`);
-then waits until they answer, creates the buckets `cifar-mlflow` and `cifar-pipeline`,
-the process work pools `gpu` (capped at one flow run per GPU or CPU slot) and `cpu`,
-runs `prefect deploy --all` in the repository (unless --no-deploy), applies the failure
-alerts of `infra/automations.yaml` (to CIFAR_ALERT_WEBHOOK_URL, else the receiver), and
-starts the workers of `infra/workers.py`: one per GPU on the `gpu` pool (or N CPU slots
-where there is no GPU, or with --cpu-slots), and one worker on the `cpu` pool. Ports are chosen on
-the first `up` and kept in `<state>/stack/stack.json`.
-The settings clients need go to `<state>/stack/env`: `source` it to use the stack.
+`up` starts supervisord for the state directory (unless it runs) and, under it, the
+services of `infra/services.py`'s table in two stages:
+  - PostgreSQL (a cluster under `<state>/stack/postgres`, created on the first `up`) and
+    SeaweedFS's S3 server (`<state>/stack/s3`), unless CIFAR_S3_ENDPOINT or
+    AWS_ENDPOINT_URL_S3 names an endpoint of yours; then the databases `prefect` and
+    `mlflow` and the buckets `cifar-mlflow` and `cifar-pipeline`, each only if missing;
+  - `prefect server start` and `mlflow server` on those databases (MLflow's artifacts
+    proxied to s3://cifar-mlflow/artifacts), and the alert receiver of `infra/alerts.py`;
+then the process work pools `gpu` (capped at one flow run per GPU or CPU slot) and `cpu`,
+`prefect deploy --all` (unless --no-deploy), the failure alerts of
+`infra/automations.yaml`, and the workers of `infra/workers.py`. Ports are chosen on the
+first `up` and kept in `<state>/stack/stack.json`; the settings clients need go to
+`<state>/stack/env`: `source` it to use the stack.
 
-A service whose recorded process is alive and answers is left alone, so `up` can be run
-again at any time; a dead one is restarted on its port. `down` stops exactly the recorded
-processes (and what they started) and keeps the data. `--auth` turns on MLflow's
-basic-auth app and Prefect's API auth string, with passwords generated once and kept in
+supervisord restarts any service or worker that exits. `up` again leaves alone what runs
+with the same settings and restarts what changed. `down` stops everything, flow runs
+included, and keeps every database and bucket. `--auth` turns on MLflow's basic-auth app
+and Prefect's API auth string, with passwords generated once and kept in
 `<state>/stack/secrets.json` (mode 0600).
-
-The stack's parts: `infra/services.py` (settings, credentials, the servers),
-`infra/provision.py` (buckets, pools and their limits, deployments, alerts, workers),
-`infra/procs.py` (process records and stop, shared with `infra/workers.py`). Standard
-library, boto3 and the `prefect`, `mlflow` and moto command lines. Never imported by the
-project's code.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import importlib.util
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: `python infra/stack.py ...`
     sys.path.insert(0, str(REPO))
 
-from infra import procs, provision, services, workers  # noqa: E402
-from infra.procs import StackError, render_env_file, write_text  # noqa: E402
-from infra.services import Stack, client_env, free_ports, healthy  # noqa: E402
-
-
-@contextlib.contextmanager
-def locked(root: Path) -> Iterator[None]:
-    """One `up` or `down` at a time per state directory."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another `up` or `down` on {root} ...", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _any_running(root: Path) -> bool:
-    return any(procs.matches(r) for r in procs.records(root).values())
+from infra import postgres, provision, services, workers  # noqa: E402
+from infra.procs import (  # noqa: E402
+    StackError,
+    Supervisor,
+    locked,
+    log_path,
+    log_tail,
+    render_env_file,
+    stack_dir,
+    stack_processes,
+    stop_processes,
+    write_text,
+)
+from infra.services import SERVICES, Stack, client_env, free_ports, healthy  # noqa: E402
 
 
 def configure(root: Path, auth: bool | None) -> Stack:
     """The stack of stack.json, or a new one with free ports; settings that cannot change
     under running services (S3 endpoint, auth) are checked here."""
     external = services.external_s3_endpoint(os.environ)
-    stack = Stack.load(root)
-    if stack is None:
-        names = ["moto", "prefect", "mlflow", "alerts"]
-        stack = Stack(root, dict(zip(names, free_ports(len(names)), strict=True)), external,
-                      bool(auth))
-        stack.save()
-        return stack
-    if "alerts" not in stack.ports:  # a stack.json from before the alert receiver
+    stack = Stack.load(root) or Stack(root, {}, external, bool(auth))
+    missing = [name for name in services.PORTS if name not in stack.ports]
+    if missing:  # a new stack, or one from before a service was added
         taken = set(stack.ports.values())
-        stack.ports["alerts"] = next(p for p in free_ports(len(taken) + 1) if p not in taken)
+        fresh = [p for p in free_ports(len(missing) + len(taken)) if p not in taken]
+        stack.ports.update(zip(missing, fresh, strict=False))
         stack.save()
     changes = {}
     if external != stack.s3_external:
-        changes["S3 endpoint"] = (stack.s3_external or "moto", external or "moto")
+        changes["S3 endpoint"] = (stack.s3_external or "SeaweedFS", external or "SeaweedFS")
     if auth is not None and auth != stack.auth:
         changes["auth"] = ("on" if stack.auth else "off", "on" if auth else "off")
     if changes:
-        if _any_running(root):
+        if Supervisor(root).running():
             what = "; ".join(f"{k}: running with {a}, asked for {b}"
                              for k, (a, b) in changes.items())
             raise StackError(f"the stack is running with other settings ({what}); run "
                              "`down` first, then `up` again")
         stack.s3_external = external
         stack.auth = stack.auth if auth is None else auth
-        if "moto" not in stack.ports:
-            stack.ports["moto"] = free_ports(1)[0]
         stack.save()
     return stack
 
@@ -114,30 +92,66 @@ def check_auth_support() -> None:
                          f"{sys.executable} -m pip install 'mlflow[auth]'")
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    root = procs.stack_dir(args.state_dir)
+def _ports_of(name: str) -> list[str]:
+    return list(services.S3_PORTS) if name == "s3" else [name]
+
+
+def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> None:
+    """Each stage's services running and answering, then what the next stage needs."""
+    password = services.secrets_for(stack)["postgres_password"]
+    deadline = time.monotonic() + timeout
+    for stage in stack.stages():
+        running = {n for n, p in supervisor.info().items() if p["statename"] == "RUNNING"}
+        for name in stage:
+            if name == "postgres":
+                postgres.prepare(stack, password)
+            for port in (stack.ports[p] for p in _ports_of(name)):
+                if name not in running and not services.port_free(port):
+                    raise StackError(f"port {port} for {name} is taken by a process this "
+                                     f"stack did not start; stop it, or delete "
+                                     f"{stack.config_path} so that `up` picks new ports")
+        for line in supervisor.apply([SERVICES[n].program(stack) for n in stage]):
+            print(f"  {line}")
+        for name in stage:
+            _wait_healthy(stack, supervisor, name, deadline)
+        if "postgres" in stage:
+            postgres.ensure_databases(stack, password)
+            provision.ensure_buckets(stack)
+
+
+def _wait_healthy(stack: Stack, supervisor: Supervisor, name: str, deadline: float) -> None:
     began = time.monotonic()
-    with locked(root):
+    while not healthy(stack, name):
+        state = supervisor.info().get(name, {})
+        if state.get("statename") == "FATAL" or time.monotonic() > deadline:
+            log = log_path(stack.root, name)
+            why = ("kept exiting" if state.get("statename") == "FATAL"
+                   else "did not answer in time")
+            raise StackError(f"{name} {why} ({state.get('description', 'no state')}); its "
+                             f"log, {log}, ends:\n{log_tail(log)}")
+        time.sleep(0.5)
+    print(f"  {name:<8} answering ({time.monotonic() - began:.1f} s)")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    root = stack_dir(args.state_dir)
+    began = time.monotonic()
+    with locked(root / ".lock", f"another `up` or `down` on {root}"):
         stack = configure(root, args.auth)
         if stack.auth:
             check_auth_support()
         print(f"stack under {root}")
         # Planned first: a --workers this machine cannot serve fails before anything starts.
         plan = provision.worker_plan(args.workers, args.cpu_slots, args.cpu_pool_workers)
-        services.ensure_services(stack, args.timeout)
+        supervisor = Supervisor(root)
+        supervisor.start()
+        ensure_services(stack, supervisor, args.timeout)
         write_text(root / "env", render_env_file(client_env(stack)), mode=0o600)
-        provision.ensure_buckets(stack)
         provision.ensure_pools(stack, provision.pool_limits(plan))
         if not args.no_deploy:
             provision.deploy(stack)
-        try:
-            provision.ensure_alerts(stack)
-        except StackError as exc:
-            # Alerts must not keep the workers down: a Prefect server restarted over a
-            # busy database answers its automations API with 503 for a while.
-            print(f"warning: failure alerts not applied: {exc}; run `python infra/alerts.py "
-                  "apply` (or `stack up` again) once the server is settled", file=sys.stderr)
-        provision.ensure_workers(stack, plan)
+        provision.ensure_alerts(stack)
+        provision.ensure_workers(stack, supervisor, plan)
     print(f"up in {time.monotonic() - began:.1f} s\n")
     print_status(stack)
     print(f"\nuse it from a shell:  source {root / 'env'}")
@@ -145,24 +159,27 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def print_status(stack: Stack) -> bool:
-    urls = {"moto": stack.s3_endpoint, "prefect": stack.prefect_url, "mlflow": stack.mlflow_url,
-            "alerts": stack.alerts_url}
-    ok = True
-    for name in stack.services():
-        record = procs.running(stack.root, name)
-        health = healthy(stack, name)
-        ok = ok and health and record is not None
-        pid = record["pid"] if record else "-"
-        print(f"{name:<8} {urls[name]:<28} pid {pid!s:<8} {'ok' if health else 'down'}")
+    """One line per service and worker: URL, pid, state, health, restarts."""
+    supervisor = Supervisor(stack.root)
+    info, restarts = supervisor.info(), supervisor.restarts()
+
+    def row(name: str, where: str, health: bool) -> bool:
+        state = info.get(name, {})
+        pid = state.get("pid") or "-"
+        count, last = restarts.get(name, (0, ""))
+        extra = f"  restarted {count}x, last exit {last}" if count else ""
+        print(f"{name:<32} {where:<28} pid {pid!s:<8} {state.get('statename', 'STOPPED'):<8} "
+              f"{'ok' if health else 'down'}{extra}")
+        return health and state.get("statename") == "RUNNING"
+
+    ok = all([row(n, SERVICES[n].url(stack), healthy(stack, n)) for n in stack.services()])
     if stack.s3_external is not None:
-        health = healthy(stack, "moto")  # the same list_buckets check, on the user's endpoint
+        health = healthy(stack, "s3")  # the same ListBuckets, on the user's endpoint
         ok = ok and health
-        print(f"{'s3':<8} {stack.s3_endpoint:<28} {'external':<12} {'ok' if health else 'down'}")
-    rows = workers.worker_status(stack.root)
-    for name, pid, alive in rows:
-        ok = ok and alive
-        print(f"{name:<37} pid {pid:<8} {'alive' if alive else 'down'}")
-    if not rows:
+        print(f"{'s3':<32} {stack.s3_endpoint:<28} {'external':<21} {'ok' if health else 'down'}")
+    names = workers.worker_names(info)
+    ok = all([row(n, "", info[n]["statename"] == "RUNNING") for n in names]) and ok
+    if not names:
         ok = False
         print("no workers")
     if stack.auth:
@@ -171,7 +188,7 @@ def print_status(stack: Stack) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = procs.stack_dir(args.state_dir)
+    root = stack_dir(args.state_dir)
     stack = Stack.load(root)
     if stack is None:
         print(f"no stack under {root}; start one with `up`")
@@ -180,21 +197,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    root = procs.stack_dir(args.state_dir)
-    if not (root / "pids").is_dir():
-        print(f"nothing recorded under {root / 'pids'}; nothing to stop")
-        return 0
-    with locked(root):
-        # Workers first, so that they do not lose their server mid-run; the servers last.
-        lines = workers.stop_workers(root)
-        order = ["alerts", "mlflow", "prefect", "moto"]
-        others = [n for n in procs.records(root) if n not in order]
-        lines += procs.stop_many(root, others + [n for n in order
-                                                 if procs.read_record(root, n)])
-        for name in (root / "pids").glob("*.pid"):  # pid files without a record
-            name.unlink(missing_ok=True)
-    for line in lines:
-        print(line)
+    root = stack_dir(args.state_dir)
+    with locked(root / ".lock", f"another `up` or `down` on {root}"):
+        supervisor = Supervisor(root)
+        if supervisor.running():
+            names = supervisor.programs()
+            # Workers first, so that they do not lose their server mid-run; servers last,
+            # the databases after their users.
+            order = [*workers.worker_names(names), "alerts", "mlflow", "prefect", "s3",
+                     "postgres"]
+            supervisor.stop([n for n in order if n in names]
+                            + [n for n in names if n not in order])
+            supervisor.shutdown()
+            print(f"stopped {len(names)} program(s) and supervisord")
+        leftovers = stack_processes(root)
+        if leftovers:
+            killed = stop_processes(leftovers)
+            print(f"stopped {len(leftovers)} more process(es) of this stack ({killed} killed)")
     print(f"stopped; data kept under {root}")
     return 0
 

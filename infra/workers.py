@@ -16,13 +16,9 @@ The pool's concurrency limit is left to the user, since other machines may serve
 too: `prefect work-pool set-concurrency-limit gpu <GPUs of all its machines>` (`start`
 prints this machine's share; `infra/stack.py up` sets it for the local stack).
 
-Every worker runs in its own session (process group), logs to
-`<state>/stack/logs/worker.<pool>.<name>.log` and records its pid in
-`<state>/stack/pids/worker.<pool>.<name>.pid`, with the command line and start time beside
-it in a `.json` file, so that `stop` signals only processes this script started
-(`infra/procs.py`, shared with `infra/stack.py`).
-
-Standard library only, plus `infra/procs.py` (and the `model.fileio` it uses).
+Every worker is a program `worker.<pool>.<name>` of the state directory's supervisord
+(`infra/procs.py`, shared with `infra/stack.py`), which restarts it when it exits; it logs
+to `<state>/stack/logs/worker.<pool>.<name>.log`. `stop` stops it and its flow runs.
 """
 
 from __future__ import annotations
@@ -43,16 +39,11 @@ if str(REPO) not in sys.path:  # run as a script: `python infra/workers.py ...`
     sys.path.insert(0, str(REPO))
 
 from infra.procs import (  # noqa: E402
-    Spec,
+    Program,
     StackError,
-    matches,
+    Supervisor,
     read_env_file,
-    records,
-    running,
-    spawn,
     stack_dir,
-    stop,
-    stop_many,
     tool,
 )
 
@@ -201,40 +192,39 @@ def pool_limit_args(pool: str, limit: int) -> list[str]:
 
 
 def start_workers(root: Path, workers: Sequence[Worker], env: Mapping[str, str],
-                  cwd: str | None = None) -> list[tuple[Worker, int, bool]]:
-    """Start each worker that is not already running. Returns (worker, pid, started)."""
+                  cwd: str | None = None) -> list[str]:
+    """Run each worker under the state directory's supervisord; one already running with
+    the same settings is left alone. Returns what changed."""
     if not env.get("PREFECT_API_URL"):
         # Without it each worker would start an in-process server of its own.
         raise StackError("PREFECT_API_URL is not set: point it at the Prefect server "
                          "(`infra/stack.py up` writes <state>/stack/env)")
-    out = []
-    for worker in workers:
-        record = running(root, worker.file_name)
-        if record is not None and record.get("argv") == worker.argv:
-            out.append((worker, record["pid"], False))
-            continue
-        if record is not None:  # the same worker with other settings: replace it
-            stop(root, worker.file_name)
-        spec = Spec(worker.file_name, worker.argv, worker.environment(env), cwd)
-        out.append((worker, spawn(root, spec).pid, True))
-    return out
+    supervisor = Supervisor(root)
+    supervisor.start()
+    programs = [Program(w.file_name, w.argv, w.environment(env), cwd) for w in workers]
+    return supervisor.apply(programs)
 
 
-def worker_records(root: Path, pool: str | None = None) -> dict[str, dict]:
-    return records(root, worker_file_name(pool, "") if pool else "worker.")
+def worker_names(names: Iterable[str], pool: str | None = None) -> list[str]:
+    prefix = worker_file_name(pool, "") if pool else "worker."
+    return sorted(n for n in names if n.startswith(prefix))
 
 
 def stop_workers(root: Path, pool: str | None = None, keep: Iterable[str] = ()) -> list[str]:
-    """Stop the recorded workers (of `pool`, if given) whose file names are not in `keep`."""
-    keep = set(keep)
-    names = [n for n in worker_records(root, pool) if n not in keep]
-    return stop_many(root, names)
+    """Stop the workers (of `pool`, if given) whose names are not in `keep`."""
+    supervisor = Supervisor(root)
+    if not supervisor.running():
+        return []
+    names = [n for n in worker_names(supervisor.programs(), pool) if n not in set(keep)]
+    supervisor.stop(names)
+    return [f"{n}: stopped" for n in names]
 
 
 def worker_status(root: Path, pool: str | None = None) -> list[tuple[str, int, bool]]:
-    """(file name, pid, alive) of each recorded worker."""
-    return [(name, record["pid"], matches(record))
-            for name, record in worker_records(root, pool).items()]
+    """(name, pid, running) of each worker supervisord runs."""
+    info = Supervisor(root).info()
+    return [(n, info[n]["pid"], info[n]["statename"] == "RUNNING")
+            for n in worker_names(info, pool)]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -283,10 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             workers = plan(args.pool, [] if args.cpu_slots else detect_gpus(),
                            cpu_slots=args.cpu_slots, only=args.gpus, share_gpu=args.share_gpu,
                            limit=args.limit, prefect=tool("prefect"))
-            for worker, pid, started in start_workers(root, workers, env):
-                state = "started" if started else "already running"
-                gpu = "no GPU" if worker.gpu is None else f"GPU {worker.gpu}"
-                print(f"{worker.name:<24} pool {worker.pool:<6} {gpu:<8} pid {pid:<8} {state}")
+            for line in start_workers(root, workers, env) or ["all already running"]:
+                print(line)
             print(f"logs: {root / 'logs'}")
             # Other machines may serve the pool too, so the pool's limit is left to the user.
             limit = pool_limit_args(args.pool, pool_limit(workers))
@@ -301,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, pid, alive in rows:
             print(f"{name:<32} pid {pid:<8} {'alive' if alive else 'down'}")
         if not rows:
-            print(f"no workers recorded under {root / 'pids'}")
+            print(f"no workers supervised under {root}")
         return 0 if rows and all(alive for _, _, alive in rows) else 1
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
