@@ -9,31 +9,35 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import get_args
 
-from model.config import DataConfig
-from model.profiles import resolve_profile
-from model.train import TrainConfig, fit
+from model.config import DataConfig, TrainConfig, Variant, add_options, given, option_specs
+from model.profiles import PROFILES, resolve_profile
+from model.train import fit
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("CIFAR10_SOURCE", "torchvision"),
-                   help="data source (default: $CIFAR10_SOURCE, else torchvision's download)")
-    p.add_argument("--profile", default="auto", help="auto, smoke, quick or full")
-    p.add_argument("--recipe", default="fast", choices=["reference", "paper", "fast"])
-    p.add_argument("--variants", default="deep,light")
+    # Every training and data option, from the config's fields, on top of the profile's.
+    add_options(p, [("variants", list[Variant], list(get_args(Variant)), "networks to train"),
+                    *option_specs(TrainConfig, DataConfig, skip=("variant",))],
+                aliases={"data_source": "--data"})
+    p.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+                   help="training budget: auto = full on a GPU, quick on a CPU")
     p.add_argument("--checkpoint-dir", help="resume from and write checkpoints here")
     args = p.parse_args(argv)
     profile, why = resolve_profile(args.profile)
     print(why, flush=True)
-    data = DataConfig(data_source=args.data, val_size=profile.val_size,
-                      train_size=profile.train_size).load()
+    data = DataConfig(**{"val_size": profile.val_size, "train_size": profile.train_size,
+                         **given(args, DataConfig.__dataclass_fields__)}
+                      ).load(os.environ.get("CIFAR10_SOURCE", "torchvision"))
     print(f"data {data.digest[:12]}: {len(data.train):,} train, {len(data.val):,} validation",
           flush=True)
+    options = given(args, TrainConfig.__dataclass_fields__)
+    recipe = TrainConfig(**options).recipe
     results = {}
-    for variant in [v for v in args.variants.split(",") if v]:
-        config = TrainConfig(recipe=args.recipe, variant=variant,
-                             **profile.overrides_for(args.recipe))
+    for variant in args.variants or list(get_args(Variant)):
+        config = TrainConfig(**{**profile.overrides_for(recipe), **options, "variant": variant})
 
         def show(m, variant=variant, epochs=config.epochs):
             print(f"{variant} epoch {int(m['epoch']) + 1}/{epochs}: "

@@ -8,8 +8,8 @@ gives bit-identical output, and nothing reads a value back to the host: on a GPU
 pipeline queues without a sync. Each pipeline is a few dozen batched ops whatever the batch
 size, since on a GPU their launches, not their arithmetic, set the cost.
 
-`reference_transform` and `PILDataset`, the report's per-image torchvision pipeline for the
-`reference` recipe, live in model/reference_pipeline.py and are re-exported here.
+The report's per-image torchvision pipeline for the `reference` recipe lives in
+model/reference_pipeline.py.
 """
 
 from __future__ import annotations
@@ -21,12 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.reference_pipeline import (  # noqa: F401 (re-exported)
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    PILDataset,
-    reference_transform,
-)
+from model.reference_pipeline import CIFAR10_MEAN, CIFAR10_STD
 
 # ITU-R 601-2 luma, the grayscale torchvision and PIL blend with for contrast and saturation.
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)

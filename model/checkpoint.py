@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from model.errors import UserError
-from model.fileio import atomic_write, fsync_dir  # noqa: F401 (fsync_dir: old import path)
+from model.fileio import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1

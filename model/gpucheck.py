@@ -26,8 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from model import bench, measure
-from model.train import TrainConfig
+from model import measure
 
 # The targets. Accuracies are on the validation split; time goals count training seconds
 # only, with compilation and per-epoch evaluation reported beside them.
@@ -71,10 +70,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.check == "best" and len(args.variants) != 1:
         p.error("--check best trains one variant per call (up to 6 minutes each): pass "
                 "--variants deep or --variants light")
-    if unknown := set(args.variants) - set(FAST_GOALS):
-        p.error(f"unknown variant(s) {', '.join(sorted(unknown))}: use deep and/or light")
     if not args.smoke:
-        args.data = args.data or DEFAULT_DATA
+        args.data_source = args.data_source or DEFAULT_DATA
     if args.check == "best":
         args.profile = args.profile or "full"
     if args.budget_seconds is None:
@@ -96,11 +93,7 @@ def plan(args, data, device: torch.device) -> list[Step]:
     def train(recipe: str, variant: str, epochs: int | None) -> Callable[[], list[dict]]:
         def run() -> list[dict]:
             # The options, then the plan's epochs (none: the profile's or the recipe's).
-            overrides = {**bench.config_overrides(args, recipe),
-                         **({"epochs": epochs} if epochs else {})}
-            config = TrainConfig(recipe=recipe, variant=variant, seed=seed, device=str(device),
-                                 workers=args.workers, compile=args.compile,
-                                 compile_mode=args.compile_mode, **overrides)
+            config = measure.train_config(args, recipe, variant, seed, device, epochs)
             goals = (FAST_GOALS[variant][0], BEST_GOALS[variant])
             row = measure.train_row(config, data, device, goals, verbose=args.verbose)
             return [{"kind": "train", **dataclasses.asdict(row)}]
@@ -198,13 +191,13 @@ class Report:
 
     def write(self) -> None:
         self.payload["elapsed_seconds"] = time.perf_counter() - self.started
-        bench.write_json(self.path, self.payload)
+        measure.write_json(self.path, self.payload)
 
 
 def run_check(args, device: torch.device, argv: list[str] | None) -> int:
     started = time.perf_counter()
-    data = bench.load_data(args)
-    env = bench.environment(data, device, argv)
+    data = measure.load_data(args)
+    env = measure.environment(data, device, argv)
     env["data_seconds"] = time.perf_counter() - started  # decode, split, transfer
     env["budget_seconds"] = args.budget_seconds
     report = Report(args.out, args.check, env, args.variants)
@@ -240,8 +233,8 @@ def format_summary(payload: dict) -> str:
     train = [measure.Row(**{k: v for k, v in r.items() if k in ROW_FIELDS})
              for r in rows if r["kind"] == "train"]
     predicted = [r for r in rows if r["kind"] == "predict"]
-    lines = [bench.format_table(train)] if train else []
-    lines += [bench.format_predict_table(predicted)] if predicted else []
+    lines = [measure.format_table(train)] if train else []
+    lines += [measure.format_predict_table(predicted)] if predicted else []
     lines += [f"{r['row']} failed: {r['error']}" for r in rows if r["kind"] == "error"]
     lines += [f"skipped {s['row']} (target {s['purpose']}): {s['why']}"
               for s in payload["skipped"]]

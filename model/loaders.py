@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from model import augment
+from model import augment, reference_pipeline
 from model.config import TrainConfig
 from model.data import Split
 from model.predict import to_device_images
@@ -84,7 +84,7 @@ class _SeededSamples(torch.utils.data.Dataset):
     """The report's transforms, each sample's random draws seeded by (seed, epoch, index):
     the same images whichever worker, and however many workers, transform them."""
 
-    def __init__(self, dataset: augment.PILDataset, seed: int):
+    def __init__(self, dataset: reference_pipeline.PILDataset, seed: int):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
@@ -104,8 +104,8 @@ class ReferenceLoader:
 
     def __init__(self, split: Split, device: torch.device, batch_size: int, seed: int,
                  workers: int):
-        dataset = augment.PILDataset(split.images, split.labels,
-                                     augment.reference_transform(train=True))
+        dataset = reference_pipeline.PILDataset(split.images, split.labels,
+                                                reference_pipeline.reference_transform(train=True))
         self.order = _EpochOrder(len(split), seed)
         self.device, self.batch_size = device, batch_size
         self.steps_per_epoch = math.ceil(len(split) / batch_size)

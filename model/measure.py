@@ -1,10 +1,14 @@
 """Measurements shared by the benchmark and the GPU check: one training row, the card's
-peak, torch's compile events, prediction timing, and a synthetic dataset for smoke runs."""
+peak, torch's compile events, prediction timing, a synthetic dataset for smoke runs, and
+the data, environment, tables and JSON file of a run."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -14,7 +18,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from model.data import Dataset, Split
+from model.config import DataConfig, TrainConfig, given
+from model.data import Dataset, Split, load_dataset
+from model.fileio import atomic_write
 from model.nets import build_model, summary
 from model.predict import (
     inference_model,
@@ -24,7 +30,9 @@ from model.predict import (
     synchronize,
     to_device_images,
 )
-from model.train import TrainConfig, fit
+from model.profiles import PROFILES
+from model.provenance import code_commit
+from model.train import fit
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the name
 # torch reports for the card; the first pattern found in the name wins. Unknown: no peak.
@@ -32,6 +40,11 @@ DENSE_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835
                      ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
 PREDICT_SLICE = 1000  # images per turn when the old and new prediction paths alternate
+SMOKE_BATCH = 4  # one step per smoke epoch
+DATA_OPTIONS = tuple(DataConfig.__dataclass_fields__)
+# The TrainConfig options a benchmark takes once for all its rows; rows vary the others.
+TRAIN_OPTIONS = tuple(f for f in TrainConfig.__dataclass_fields__
+                      if f not in ("recipe", "variant", "seed"))
 
 
 @dataclass
@@ -58,6 +71,17 @@ class Row:
     # Accuracy goal -> {"epochs", "train_seconds"} when validation first reached it, or None.
     time_to_accuracy: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+
+
+def train_config(args, recipe: str, variant: str, seed: int, device: torch.device,
+                 epochs: int | None = None) -> TrainConfig:
+    """One row's config: the profile's settings for `recipe` (a smoke run's batch below
+    them), then the options given, then the row's own `epochs` (a plan's), if any."""
+    profile = PROFILES[args.profile].overrides_for(recipe) if args.profile else {}
+    return TrainConfig(**{
+        **({"batch_size": SMOKE_BATCH} if args.smoke else {}), **profile,
+        **given(args, TRAIN_OPTIONS), "recipe": recipe, "variant": variant, "seed": seed,
+        "device": str(device), **({"epochs": epochs} if epochs else {})})
 
 
 def train_row(config: TrainConfig, data: Dataset, device: torch.device,
@@ -163,8 +187,13 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
         fast_model = inference_model(model, device)  # what predict() does first
         synchronize(device)
         prepare_seconds = time.perf_counter() - started
-        paths = {"baseline": partial(baseline_predict, model, **kwargs),
-                 "fast": partial(predict, fast_model, fuse=False, **kwargs)}
+
+        def baseline(x, tta, model=model):  # predict as it was: unfolded, NCHW, one stream
+            y = logits(model, to_device_images(x, device), batch_size=args.predict_batch,
+                       tta=tta, bf16=precision == "bf16")
+            return labels_and_probabilities(y)
+
+        paths = {"baseline": baseline, "fast": partial(predict, fast_model, fuse=False, **kwargs)}
         for path in paths.values():  # warm-up: allocator, oneDNN/cuDNN primitives
             for tta in (False, True):  # the timed batch shapes, TTA's included
                 path(images[: max(256, args.predict_batch)], tta=tta)
@@ -197,15 +226,6 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
     return out
 
 
-def baseline_predict(model, images, *, batch_size: int, tta: bool = False, device,
-                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """`predict` as it was before batch-norm folding, channels-last and small CPU batches:
-    the unchanged eval model, NCHW, `batch_size` images per forward pass, one stream."""
-    x = to_device_images(images, device)  # (N, 3, 32, 32) uint8
-    y = logits(model.to(device), x, batch_size=batch_size, tta=tta, bf16=precision == "bf16")
-    return labels_and_probabilities(y)
-
-
 def _progress(metrics: dict) -> None:
     note(f"  epoch {int(metrics['epoch'])}: train loss {metrics['train/loss']:.3f}, "
          f"val acc {100 * metrics['val/acc']:.2f}%, {metrics['train_seconds']:.2f} s training")
@@ -229,3 +249,85 @@ def synthetic_dataset(n_train: int, n_val: int, seed: int = 0) -> Dataset:
     return Dataset(train=split(n_train), val=split(n_val), test=None,
                    classes=tuple(str(i) for i in range(10)), digest="synthetic",
                    source="synthetic")
+
+
+def format_predict_table(rows: list[dict]) -> str:
+    """One line per variant and TTA setting: the old path, the new one and their ratio."""
+    header = (f"{'predict':<8} {'tta':<5} {'images':>7} {'baseline img/s':>14} "
+              f"{'fast img/s':>10} {'speedup':>7} {'max |dp|':>9} {'labels differ':>13}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<8} {r['tta']!s:<5} {r['images']:>7,} "
+            f"{r['baseline_images_per_second']:>14,.0f} {r['images_per_second']:>10,.0f} "
+            f"{r['speedup']:>6.2f}x {r['max_prob_diff']:>9.1e} {r['labels_differ']:>13,}"
+        )
+    return "\n".join(lines)
+
+
+def format_table(rows: list[Row]) -> str:
+    header = (f"{'recipe':<10} {'variant':<7} {'seed':>4} {'epochs':>6} {'train s':>8} "
+              f"{'eval s':>6} {'compile s':>9} {'s/epoch':>8} {'img/s':>9} {'TFLOP/s':>8} "
+              f"{'% peak':>7} {'val acc':>8} {'val TTA':>8} {'test acc':>8} {'test TTA':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peak = "-" if r.peak_percent is None else f"{r.peak_percent:.1f}%"
+        lines.append(
+            f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.epochs:>6} {r.train_seconds:>8.1f} "
+            f"{r.eval_seconds:>6.1f} {_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} "
+            f"{r.images_per_second:>9,.0f} {r.tflops:>8.1f} {peak:>7} {_pct(r.val_acc):>8} "
+            f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8} {_pct(r.test_acc_tta):>8}"
+        )
+    return "\n".join(lines)
+
+
+def _compile_cell(r: Row) -> str:
+    """Compile seconds; `eager` when the step was not compiled, `failed` when compiling was
+    tried and fell back to eager (the log says why)."""
+    if r.compiled:
+        return f"{r.compile_seconds:.1f}"
+    return "failed" if r.compile_fallback else "eager"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def load_data(args) -> Dataset:
+    """The training source (synthetic for --smoke), with --test's images as the test split."""
+    if args.data_source:
+        data = DataConfig(**given(args, DATA_OPTIONS)).load(cache_dir=args.cache_dir)
+    else:
+        data = synthetic_dataset(args.train_size, args.val_size)
+    if args.test:
+        test = load_dataset(args.test, val_size=0, cache_dir=args.cache_dir)
+        data = Dataset(data.train, data.val, test.test or test.train, data.classes,
+                       data.digest, data.source)
+    return data
+
+
+def environment(data: Dataset, device: torch.device, argv: list[str] | None) -> dict:
+    """What ran where: the card and its peak, versions, the commit and the exact command."""
+    name, peak = card_peak(device)
+    command = sys.orig_argv if argv is None else ["python", "-m", "model.bench", *argv]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": name,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "load": "/".join(f"{x:.1f}" for x in os.getloadavg()),  # other work on this machine
+        "commit": code_commit(),
+        "command": shlex.join(command),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "test_images": len(data.test) if data.test is not None else 0,
+        "data_digest": data.digest,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Readers (and a run cut off mid-write) see the old file or the new one, whole."""
+    with atomic_write(path, text=True) as f:
+        json.dump(payload, f, indent=2)

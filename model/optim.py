@@ -19,7 +19,6 @@ EMA_WARMUP = 10  # updates: the decay ramps as (1 + n) / (EMA_WARMUP + n) up to 
 FAST_REFERENCE_BATCH = 512  # images: the batch size at which `fast`'s lr applies as given
 PLATEAU_FACTOR = 0.1  # the report's ReduceLROnPlateau settings
 PLATEAU_PATIENCE = 5  # epochs
-COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; `mode` applies to inductor only
 # Steps run before the timed training: the first compiles, the next ones are where CUDA
 # graphs (reduce-overhead) record and replay. A failure in any of them falls back to eager.
 COMPILE_WARMUP_STEPS = 3
@@ -122,12 +121,11 @@ def compile_step(model: nn.Module, criterion, batches, device: torch.device, bf1
     """
     started = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
     fell_back = False
     try:
         # Batch sizes are fixed per run: a static graph, no symbolic batch dimension and
         # no recompiles when another size was compiled earlier in the same process.
-        compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False, **options)
+        compiled = torch.compile(model, dynamic=False, mode=mode)
         for step in range(COMPILE_WARMUP_STEPS):
             x, y = next(batches)
             torch.compiler.cudagraph_mark_step_begin()

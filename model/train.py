@@ -29,24 +29,11 @@ import torch
 from torch import nn
 
 from model import checkpoint
-from model.config import (  # noqa: F401 (re-exported: the old home of the config)
-    RECIPE_DEFAULTS,
-    CompileMode,
-    ConfigError,
-    DataConfig,
-    Recipe,
-    TrainConfig,
-)
+from model.config import TrainConfig
 from model.data import Dataset
-from model.loaders import epoch_seed, make_loader  # noqa: F401 (epoch_seed re-exported)
+from model.loaders import make_loader
 from model.nets import build_model, count_parameters
-from model.optim import (  # noqa: F401 (re-exported)
-    EMA_WARMUP,
-    WarmupLinearDecay,
-    WeightEMA,
-    compile_step,
-    make_optimizer,
-)
+from model.optim import WeightEMA, compile_step, make_optimizer
 from model.predict import evaluate, logits, resolve_device, synchronize, to_device_images
 
 log = logging.getLogger(__name__)

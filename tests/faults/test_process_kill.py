@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     import numpy as np, torch
     from model.data import Dataset, Split
-    from model.train import TrainConfig, fit
+    from model.config import TrainConfig
+    from model.train import fit
     from model import checkpoint as ck
 
     ckpt_dir, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from prefect import flow
 
+from model.config import TrainConfig as ModelConfig
 from model.data import Dataset
 from model.nets import build_model
 from model.predict import predict
 from model.train import FitResult
-from model.train import TrainConfig as ModelConfig
 from tasks import registry
 from tasks.promote import decide, promote
 from tasks.settings import REGISTERED_MODEL, Settings

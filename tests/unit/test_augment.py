@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from model import augment as A
+from model import reference_pipeline as R
 from tests.oracles import augment_oracles as O
 
 RANDOM_FNS = {
@@ -340,7 +341,7 @@ def test_report_augment_matches_the_pil_pipeline_statistically():
     scene[8:20, 6:18], scene[20:28, 18:30] = [0.9, 0.2, 0.1], [0.1, 0.6, 0.9]
     scene = (scene * 255).round().astype(np.uint8)  # (32, 32, 3)
     torch.manual_seed(0)
-    steps = T.Compose(A.reference_transform(True).transforms[:5])  # all but ToTensor, Normalize
+    steps = T.Compose(R.reference_transform(True).transforms[:5])  # all but ToTensor, Normalize
     pil = np.stack([np.asarray(steps(Image.fromarray(scene))) for _ in range(256)])
     x = torch.from_numpy(scene).permute(2, 0, 1).expand(256, -1, -1, -1).contiguous()
     ours = A.report_augment(x, gen(0)).permute(0, 2, 3, 1).numpy()
@@ -371,7 +372,7 @@ def test_normalize_matches_torchvision_to_tensor_then_normalize():
 
 def test_reference_transform_outputs_normalized_tensors():
     img = Image.fromarray(images(1)[0].permute(1, 2, 0).numpy())
-    train, evaluate = A.reference_transform(True), A.reference_transform(False)
+    train, evaluate = R.reference_transform(True), R.reference_transform(False)
     for transform in (train, evaluate):
         out = transform(img)
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
@@ -392,14 +393,14 @@ def test_pil_dataset_pickles_and_loads_batches():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 10)
-    dataset = A.PILDataset(imgs, labels, A.reference_transform(True))
+    dataset = R.PILDataset(imgs, labels, R.reference_transform(True))
     restored = pickle.loads(pickle.dumps(dataset))
     assert len(restored) == 10
     x, y = restored[3]
     assert x.shape == (3, 32, 32) and y == int(labels[3]) and isinstance(y, int)
     batch_x, batch_y = next(iter(DataLoader(dataset, batch_size=4, num_workers=0)))
     assert batch_x.shape == (4, 3, 32, 32) and torch.equal(batch_y, torch.as_tensor(labels[:4]))
-    evaluate = A.PILDataset(imgs, labels, A.reference_transform(False))
+    evaluate = R.PILDataset(imgs, labels, R.reference_transform(False))
     expected = A.normalize(torch.from_numpy(imgs[:1]).permute(0, 3, 1, 2))[0]
     assert torch.allclose(evaluate[0][0], expected, atol=1e-6)
 
@@ -407,9 +408,9 @@ def test_pil_dataset_pickles_and_loads_batches():
 def test_pil_dataset_rejects_mismatched_arrays():
     imgs = np.zeros((4, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="labels"):
-        A.PILDataset(imgs, np.zeros(3), None)
+        R.PILDataset(imgs, np.zeros(3), None)
     with pytest.raises(ValueError, match="uint8"):
-        A.PILDataset(imgs.astype(np.float32), np.zeros(4), None)
+        R.PILDataset(imgs.astype(np.float32), np.zeros(4), None)
 
 
 def test_bad_inputs_raise_actionable_errors():

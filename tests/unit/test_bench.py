@@ -1,15 +1,21 @@
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from model import bench
-from model.bench import Row, baseline_predict, format_predict_table, format_ratios, format_table
-from model.measure import CompileEvents, card_peak, time_to_accuracy
+from model.bench import format_ratios
+from model.measure import (
+    CompileEvents,
+    Row,
+    card_peak,
+    format_predict_table,
+    format_table,
+    time_to_accuracy,
+    train_config,
+)
 from model.nets import ModifiedResNet
-from model.predict import predict
 
 
 def narrow(variant=None):
@@ -78,25 +84,31 @@ def test_predict_table_shows_the_baseline_the_fast_path_and_their_ratio():
     assert lines[3].split()[:2] == ["deep", "True"] and "1.25x" in lines[3]
 
 
-def test_baseline_predict_is_the_unfused_path():
-    torch.manual_seed(0)
-    model = narrow().eval()
-    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    labels, probs = baseline_predict(model, images, batch_size=1000, device=torch.device("cpu"))
-    ref_labels, ref_probs = predict(model, images, fuse=False)
-    np.testing.assert_array_equal(labels, ref_labels)
-    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-6)
-
-
 def test_a_profile_sets_the_recipe_and_options_win():
-    from model.bench import config_overrides, parse_args
+    from model.bench import parse_args
 
-    args = parse_args(["--profile", "full", "--data", "x"])
-    assert config_overrides(args, "fast") == {"epochs": 120, "cutout": 12}
-    assert config_overrides(args, "reference") == {}
-    args = parse_args(["--profile", "full", "--data", "x", "--epochs", "3", "--ema", "0.99"])
-    assert config_overrides(args, "fast") == {"epochs": 3, "cutout": 12, "ema": 0.99}
-    assert config_overrides(parse_args(["--data", "x"]), "fast") == {}
+    def config(argv, recipe="fast"):
+        return train_config(parse_args(argv), recipe, "light", 0, torch.device("cpu"))
+
+    full = config(["--profile", "full", "--data", "x"])
+    assert (full.epochs, full.cutout) == (120, 12)
+    assert config(["--profile", "full", "--data", "x"], "reference") == config(
+        ["--data", "x"], "reference")
+    given = config(["--profile", "full", "--data", "x", "--epochs", "3", "--ema", "0.99"])
+    assert (given.epochs, given.cutout, given.ema) == (3, 12, 0.99)
+    plain = config(["--data", "x"])
+    assert (plain.epochs, plain.cutout, plain.workers) == (40, 0, bench.WORKERS)
+
+
+def test_every_training_option_is_a_bench_option_and_reaches_each_row():
+    args = bench.parse_args(["--data", "x", "--precision", "fp32", "--lr", "0.05",
+                             "--no-tta", "--recipes", "paper,fast", "--seeds", "1,2"])
+    assert (args.recipes, args.variants, args.seeds) == (["paper", "fast"], ["deep", "light"],
+                                                         [1, 2])
+    config = train_config(args, "paper", "deep", 2, torch.device("cpu"))
+    assert (config.precision, config.lr, config.tta, config.seed) == ("fp32", 0.05, False, 2)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", "x", "--precision", "fp16"])
 
 
 def test_the_table_says_whether_each_step_ran_compiled():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import types
 from typing import Literal, get_args, get_origin
 
 import pytest
@@ -175,3 +176,30 @@ def test_run_takes_its_options_from_the_form():
         "run_key": "k"}
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "--variants", "deep,huge"])
+
+
+def test_python_m_model_takes_every_option_over_its_profile(monkeypatch, capsys):
+    from model import __main__ as entry
+
+    loaded, trained = [], []
+
+    def load(self, source=None, **kw):
+        loaded.append((self, source))
+        return types.SimpleNamespace(digest="d" * 16, train=[1], val=[1])
+
+    def fit(config, data, **kw):
+        trained.append(config)
+        return types.SimpleNamespace(metrics={"epochs": config.epochs, "train_seconds": 1.0,
+                                              "val/acc": 0.5})
+
+    monkeypatch.setattr(DataConfig, "load", load)
+    monkeypatch.setattr(entry, "fit", fit)
+    assert entry.main(["--profile", "quick", "--variants", "light", "--epochs", "3",
+                       "--precision", "bf16", "--val-size", "7", "--data", "/d"]) == 0
+    ((data, _),) = loaded
+    assert (data.data_source, data.val_size, data.train_size) == ("/d", 7, 1000)
+    ((config,),) = [trained]
+    assert (config.variant, config.epochs, config.batch_size, config.precision) == (
+        "light", 3, 64, "bf16")  # given, the quick profile's, given
+    with pytest.raises(SystemExit):
+        entry.main(["--precision", "fp16"])

@@ -171,7 +171,7 @@ def test_the_smoke_check_writes_every_field_of_the_file(tmp_path, narrow_nets):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--check", "best", "--variants", "deep,light"], "one variant per call"),
-    (["--check", "--variants", "medium"], "unknown variant(s) medium"),
+    (["--check", "--variants", "medium"], "medium: not one of deep, light"),
 ])
 def test_a_check_that_cannot_run_says_why(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -182,8 +182,9 @@ def test_a_check_that_cannot_run_says_why(argv, message, capsys):
 def test_best_mode_trains_the_full_profile_within_its_budget():
     args = bench.parse_args(["--check", "best", "--variants", "deep"])
     assert (args.profile, args.budget_seconds) == ("full", 360.0)
-    assert (args.data, args.out) == (gpucheck.DEFAULT_DATA, gpucheck.DEFAULT_OUT)
-    assert bench.config_overrides(args, "fast")["epochs"] > gpucheck.FAST_EPOCHS["deep"]
+    assert (args.data_source, args.out) == (gpucheck.DEFAULT_DATA, gpucheck.DEFAULT_OUT)
+    config = measure.train_config(args, "fast", "deep", 0, torch.device("cpu"))
+    assert config.epochs > gpucheck.FAST_EPOCHS["deep"]
 
 
 def test_the_default_plan_runs_fast_first_and_epochs_set_only_the_accuracy_rows(monkeypatch):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from model.config import RECIPE_DEFAULTS, TrainConfig
 from model.profiles import PROFILES, resolve_profile
-from model.train import RECIPE_DEFAULTS, TrainConfig
 
 
 def test_full_gives_fast_its_best_accuracy_budget_and_leaves_the_reports_recipes_alone():

@@ -10,18 +10,11 @@ import torch
 from torch import nn
 
 from model import checkpoint
-from model.config import ConfigError
+from model.config import RECIPE_DEFAULTS, ConfigError, TrainConfig
 from model.nets import ModifiedResNet, count_parameters
+from model.optim import EMA_WARMUP, WarmupLinearDecay, WeightEMA
 from model.predict import evaluate, to_device_images
-from model.train import (
-    EMA_WARMUP,
-    RECIPE_DEFAULTS,
-    NonFiniteLossError,
-    TrainConfig,
-    WarmupLinearDecay,
-    WeightEMA,
-    fit,
-)
+from model.train import NonFiniteLossError, fit
 
 DESIGN_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_seconds",
                "images_per_second", "epoch", "train_seconds", "eval_seconds"}
@@ -306,6 +299,13 @@ def recording_aot_eager(graphs: list):
     return backend
 
 
+def compile_with(monkeypatch, backend) -> None:
+    """torch.compile through `backend` instead of the inductor (which alone takes a mode)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, *, dynamic, mode: real(
+        model, backend=backend, dynamic=dynamic))
+
+
 def test_paper_and_fast_compile_on_cuda_by_default_and_a_setting_wins():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert TrainConfig(recipe="fast").compiles_on(cuda)
@@ -325,7 +325,7 @@ def test_paper_and_fast_compile_on_cuda_by_default_and_a_setting_wins():
 def test_a_compiled_step_trains_like_the_eager_one(tiny, monkeypatch, fresh_dynamo):
     eager = fit(cpu_config("fast", epochs=2), tiny)
     graphs: list = []
-    monkeypatch.setattr("model.optim.COMPILE_BACKEND", recording_aot_eager(graphs))
+    compile_with(monkeypatch, recording_aot_eager(graphs))
     compiled = fit(cpu_config("fast", epochs=2, compile=True), tiny)
 
     assert graphs, "the training step never went through the compiler"
@@ -348,7 +348,7 @@ def test_a_failing_compile_falls_back_to_eager_training(tiny, monkeypatch, caplo
         raise RuntimeError("no C++ compiler on this machine")
 
     eager = fit(cpu_config("fast", epochs=1), tiny)
-    monkeypatch.setattr("model.optim.COMPILE_BACKEND", broken)
+    compile_with(monkeypatch, broken)
     with caplog.at_level(logging.WARNING, logger="model.train"):
         result = fit(cpu_config("fast", epochs=1, compile=True), tiny)
     assert "training eager instead" in caplog.text
@@ -364,7 +364,7 @@ def test_a_failing_compile_falls_back_to_eager_training(tiny, monkeypatch, caplo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_on_cuda_the_inductor_step_trains_like_the_eager_one(mode, fresh_dynamo):
-    from model.bench import synthetic_dataset
+    from model.measure import synthetic_dataset
 
     data = synthetic_dataset(2048, 512)
     config = dict(recipe="fast", variant="light", device="cuda", batch_size=256, epochs=3)
@@ -495,12 +495,12 @@ def test_the_reference_loader_keeps_the_old_order_and_ignores_worker_count(tiny)
     """Persistent workers, pinned memory: the same data order as one DataLoader per epoch,
     and each image's augmentation seeded by (seed, epoch, index), so batches do not depend
     on how many workers made them."""
-    from model import augment
+    from model import reference_pipeline
     from model.loaders import ReferenceLoader, epoch_seed
 
     cpu = torch.device("cpu")
-    dataset = augment.PILDataset(tiny.train.images, tiny.train.labels,
-                                 augment.reference_transform(train=True))
+    dataset = reference_pipeline.PILDataset(tiny.train.images, tiny.train.labels,
+                                            reference_pipeline.reference_transform(train=True))
     old = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, num_workers=0,
                                       generator=torch.Generator().manual_seed(epoch_seed(3, 1)))
     old_labels = torch.cat([y for _, y in old])
