@@ -53,9 +53,11 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         data = prepare_data(settings, data_config(config))
         log_dataset(data)
         if config.dispatch == "pool":
-            from tasks.dispatch import run_on_pool
+            from tasks.dispatch import PoolOptions, run_on_pool
 
-            results, failed = run_on_pool(jobs, config, settings)
+            pool = PoolOptions(config.child_deployment, config.start_timeout_seconds,
+                               config.timeout_seconds)
+            results, failed = run_on_pool(jobs, pool, settings)
         else:
             results, failed = _run_here(jobs, data, settings)
         if not results:

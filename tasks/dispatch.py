@@ -11,6 +11,7 @@ its children are cancelled), and so does a wait longer than `timeout_seconds`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import StateType
@@ -33,6 +34,15 @@ class DispatchError(UserError, RuntimeError):
     resumable = True
 
 
+@dataclass(frozen=True)
+class PoolOptions:
+    """How pool dispatch runs: the child deployment and the two deadlines, in seconds."""
+
+    deployment: str
+    start_timeout_seconds: float
+    timeout_seconds: float
+
+
 def idempotency_key(job: VariantJob) -> str:
     return f"train-variant/{job.run_key}/{job.name}-{job.training.hash()}"
 
@@ -44,14 +54,14 @@ def run_tags(job: VariantJob) -> list[str]:
     return [f"variant:{t.variant}", f"recipe:{t.recipe}", f"seed:{t.seed}", "gpu"]
 
 
-def run_on_pool(jobs: list[VariantJob], config, settings: Settings):
+def run_on_pool(jobs: list[VariantJob], options: PoolOptions, settings: Settings):
     """Start (or attach to) one child per job, wait for all, keep what succeeded:
     (results, {job: why it failed})."""
     logger = get_run_logger()
     children = {}
     with get_client(sync_client=True) as client:
         for job in jobs:
-            run = run_deployment(config.child_deployment,
+            run = run_deployment(options.deployment,
                                  parameters={"job": job.model_dump(mode="json")}, timeout=0,
                                  flow_run_name=f"{job.name} {job.run_key[:8]}",
                                  tags=run_tags(job), idempotency_key=idempotency_key(job))
@@ -64,8 +74,8 @@ def run_on_pool(jobs: list[VariantJob], config, settings: Settings):
             else:
                 logger.info("%s is flow run %s", job.name, run.id)
             children[job.name] = (job, run.id)
-        pool = client.read_deployment_by_name(config.child_deployment).work_pool_name
-        states = _wait(client, children, pool, config, logger)
+        pool = client.read_deployment_by_name(options.deployment).work_pool_name
+        states = _wait(client, children, pool, options, logger)
     store = open_store(settings.object_store)
     results: list[VariantResult] = []
     failed = {}
@@ -79,7 +89,7 @@ def run_on_pool(jobs: list[VariantJob], config, settings: Settings):
     return results, failed
 
 
-def _wait(client, children, pool: str, config, logger) -> dict:
+def _wait(client, children, pool: str, options: PoolOptions, logger) -> dict:
     """Poll the children until all have ended. The start deadline is a stall clock: it
     runs only while none of them runs, from the last time one started or ended, so
     children that queue behind their siblings (the pool's concurrency limit: more jobs
@@ -104,19 +114,19 @@ def _wait(client, children, pool: str, config, logger) -> dict:
         if running:
             progress_at = now
         waiting = [n for n in children if n not in states and n not in running]
-        if waiting and now - progress_at > config.start_timeout_seconds:
+        if waiting and now - progress_at > options.start_timeout_seconds:
             _cancel(client, children, states)
             raise DispatchError(
-                f"{', '.join(waiting)} did not start within {config.start_timeout_seconds:g} s "
+                f"{', '.join(waiting)} did not start within {options.start_timeout_seconds:g} s "
                 f"on work pool {pool!r}: {_pool_health(client, pool)}; the children of this "
                 "run were cancelled. Start a worker (python infra/workers.py start --pool "
                 f"{pool}), or raise start_timeout_seconds if the pool is busy with other "
                 "runs, then rerun with the same run key to resume")
-        if len(states) < len(children) and now - started_at > config.timeout_seconds:
+        if len(states) < len(children) and now - started_at > options.timeout_seconds:
             _cancel(client, children, states)
             raise DispatchError(
                 f"the children on work pool {pool!r} did not all finish within "
-                f"{config.timeout_seconds:g} s; the unfinished ones were cancelled. Rerun with "
+                f"{options.timeout_seconds:g} s; the unfinished ones were cancelled. Rerun with "
                 "the same run key to resume them from their checkpoints")
         if len(states) < len(children):
             time.sleep(POLL_SECONDS)

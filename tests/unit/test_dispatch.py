@@ -12,7 +12,7 @@ from prefect.states import Completed, Running, Scheduled
 
 from tasks import dispatch
 
-CONFIG = types.SimpleNamespace(start_timeout_seconds=900, timeout_seconds=86_400)
+CONFIG = dispatch.PoolOptions("train-variant/train-variant", 900, 86_400)
 
 
 class FakeClock:
