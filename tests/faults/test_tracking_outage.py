@@ -28,6 +28,13 @@ class FlakyClient:
         self.delivered += [(m.key, m.value, m.step) for m in metrics]
 
 
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        time.sleep(0.005)
+
+
 def test_metrics_logged_while_the_server_is_down_arrive_in_order_once_it_is_back():
     client = FlakyClient(down=True)
     sink = MetricSink(client, "run", backoff=0.01)
@@ -36,8 +43,8 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_once_it_is_back
         sink.log({"val/acc": epoch / 10, "train/loss": 2.0 - epoch / 10}, step=epoch)
     # Training was never held up by the outage.
     assert time.monotonic() - started < 0.5
-    time.sleep(0.1)
-    assert client.refused >= 1 and client.delivered == [] and sink.backlog == 10
+    wait_until(lambda: client.refused >= 1)  # the sender tried, and was refused
+    assert client.delivered == [] and sink.backlog == 10
     client.down.clear()
     sink.close(timeout=10)
     assert [(k, s) for k, _, s in client.delivered if k == "val/acc"] == [

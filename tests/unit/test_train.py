@@ -4,6 +4,7 @@ import logging
 import math
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from model.train import NonFiniteLossError, fit
 DESIGN_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_seconds",
                "images_per_second", "epoch", "train_seconds", "eval_seconds"}
 SMALL_WIDTHS = (8, 16, 32)
+HOUR = 3600.0  # seconds
 
 
 def cpu_config(recipe, **kw):
@@ -419,23 +421,27 @@ def test_a_failure_at_the_third_warm_up_step_falls_back_to_eager(tiny, monkeypat
 
 
 def test_training_and_evaluation_are_timed_apart(tiny, monkeypatch):
+    """Evaluation moves fit's clock on by an hour: all of it must land in eval_seconds,
+    none in train_seconds (which a few CPU steps keep far below an hour)."""
     import model.train as train_module
 
-    real_evaluate = train_module.evaluate
+    real_evaluate, offset = train_module.evaluate, [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(0.3)
+        offset[0] += HOUR
         return real_evaluate(*args, **kwargs)
 
+    monkeypatch.setattr(train_module, "time", clock)
     monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
     result = fit(cpu_config("fast", epochs=2), tiny)
     for h in result.history:
-        assert h["eval_seconds"] >= 0.3 > h["train_seconds"] * 0  # evaluation lands apart
+        assert h["eval_seconds"] >= HOUR > 10 * h["train_seconds"]  # evaluation lands apart
         assert h["epoch_seconds"] == pytest.approx(h["train_seconds"] + h["eval_seconds"])
         assert h["images_per_second"] == pytest.approx(64 / h["train_seconds"])
     assert result.metrics["train_seconds"] == pytest.approx(
         sum(h["train_seconds"] for h in result.history))
-    assert result.metrics["eval_seconds"] >= 0.6
+    assert result.metrics["eval_seconds"] >= 2 * HOUR
 
 
 def test_checkpoints_follow_the_interval_and_the_last_epoch(tiny, tmp_path):
