@@ -10,13 +10,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.augment import normalize
-from model.config import ConfigError
+from model.errors import UserError
 from model.nets import fuse_for_inference
 
 # Images per forward pass on the CPU: small batches keep each layer's activations in
 # cache. On one core of a 2-core EPYC, folded channels-last light ran at 109 images/s with
 # 32 (16 and 64 alike) and 100 with 128; the old path (unfolded, NCHW, 1000) at 79.
 CPU_BATCH = 32
+
+
+class DeviceError(UserError, ValueError):
+    """A device this machine lacks. Not model.config's ConfigError: a logged model carries
+    this module, and model.config would bring the data loaders with it."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -27,7 +32,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for, but this machine has no CUDA device")
+        raise DeviceError(f"device {device!r} was asked for, but this machine has no CUDA device")
     return resolved
 
 
