@@ -17,7 +17,7 @@ import pytest
 
 from model import data
 from model.data import InvalidInputError, load_arrays, load_dataset
-from tests.unit.test_data import write_cifar_folder, write_parquet, write_tarball
+from tests.unit.data_files import write_cifar_folder, write_parquet, write_tarball
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import model.data.sources as sources
 from model.config import DataConfig
 from tasks.data import StoreCache
 from tasks.storage import LocalStore
-from tests.unit.test_data import write_parquet
+from tests.unit.data_files import write_parquet
 
 
 @pytest.fixture
