@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,13 +31,13 @@ STATE_DIR_HELP = ("home of the embedded defaults: MLflow database and artifacts,
                   "store, Prefect database (default $CIFAR_STATE_DIR, else ./.pipeline)")
 
 
-def _configure_environment(state_dir: str | None) -> Path:
+def _configure_environment(state_dir: str | None, command: str = "") -> Path:
     """Set before prefect or mlflow are imported: both read their settings at import.
     Raises StateDirError for a state directory that cannot be used."""
     from tasks.settings import bypass_proxy_for_loopback, check_state_dir, sqlite_uri
 
     state = Path(state_dir or os.environ.get("CIFAR_STATE_DIR") or ".pipeline").resolve()
-    check_state_dir(state)
+    check_state_dir(state, writable=command != "models")  # `models` only reads
     os.environ["CIFAR_STATE_DIR"] = str(state)
     if not os.environ.get("PREFECT_API_URL"):
         # The embedded default: an in-process Prefect API whose database lives here too.
@@ -53,7 +54,7 @@ def _configure_environment(state_dir: str | None) -> Path:
     # The first start migrates a fresh SQLite database; a busy laptop needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    bypass_proxy_for_loopback()
+    bypass_proxy_for_loopback(prefect=command in FLOW_COMMANDS | {"stack"})
     return state
 
 
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        state = _configure_environment(args.state_dir)
+        from flows.config import RUN_KEY, RUN_KEY_RULE
+
+        if getattr(args, "run_key", None) is not None and not re.fullmatch(RUN_KEY, args.run_key):
+            raise ConfigError(f"--run-key {args.run_key!r} is not a run key: {RUN_KEY_RULE}")
+        state = _configure_environment(args.state_dir, args.command)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -130,12 +135,12 @@ def _error_message(exc: BaseException, resume: str | None) -> str | None:
     """The one line for a failure the user can act on; None for a bug (a traceback)."""
     from pydantic import ValidationError  # a form's refusal of a parameter
 
-    from tasks.settings import disk_error_message
+    from tasks.settings import disk_error_message, tracking_error_message
 
     if isinstance(exc, UserError | ValidationError):
         message, resumable = str(exc), getattr(exc, "resumable", False)
-    else:  # a disk that filled up or turned read-only under a running command
-        message = disk_error_message(exc)
+    else:  # a disk that filled up or turned read-only, a tracking server gone silent
+        message = disk_error_message(exc) or tracking_error_message(exc)
         if message is None:
             return None
         resumable = True
@@ -232,7 +237,8 @@ def cmd_models(args) -> int:
     from model.data.uri import redact
     from tasks.settings import REGISTERED_MODEL, Settings
 
-    Settings.from_env().apply()
+    # Only reads: no experiment created, no lock taken (a read-only state directory).
+    mlflow.set_tracking_uri(Settings.from_env().tracking_uri)
     client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
     if not versions:

@@ -26,6 +26,9 @@ from model.config import (
 )
 
 BOUNDS = ("ge", "gt", "le", "lt")
+# A run key is a folder of checkpoints (runs/<key>/) and part of Prefect idempotency keys.
+RUN_KEY = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+RUN_KEY_RULE = "1 to 64 letters, digits, '.', '_' or '-', the first a letter or digit"
 
 
 def _form_type(type_: Any, meta: dict[str, Any]) -> Any:
@@ -91,8 +94,9 @@ class TrainResnetsConfig(TrainingOptions, DataOptions):
     score_after: bool = Field(False, description="score the competition file after promotion")
     competition_file: str | None = Field(None, description="input of the scoring step")
     run_key: str | None = Field(
-        None, description="runs with the same key share checkpoints and child runs: rerun "
-        "with the key of an interrupted run to resume it; default: a new key per run")
+        None, pattern=f"^{RUN_KEY}$", description="runs with the same key share checkpoints "
+        "and child runs: rerun with the key of an interrupted run to resume it; default: a "
+        f"new key per run; {RUN_KEY_RULE}")
     dispatch: Literal["local", "pool"] = Field(
         "local", description="local: train in this process; pool: one child flow run per "
         "job on the GPU work pool (deployment train-variant)")

@@ -41,6 +41,9 @@ class ScoreConfig(BaseModel):
     batch_size: int = Field(1000, ge=1, le=65_536)
     tta: bool = Field(True, description="average each image with its mirror image")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    skip_without_input: bool = Field(False, description="with no input_uri and no "
+                                     "$CIFAR_COMPETITION_FILE, end with an info line instead "
+                                     "of failing (the promotion trigger sets it)")
 
     @field_validator("output")
     @classmethod
@@ -53,6 +56,10 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
     logger = get_run_logger()
     settings = Settings.from_env()
     settings.apply()
+    if config.skip_without_input and not (config.input_uri or settings.competition_file):
+        get_run_logger().info("no competition file is configured (input_uri, "
+                              "CIFAR_COMPETITION_FILE): nothing to score")
+        return {"skipped": "no competition file is configured"}
     # A bad input or model URI fails here, before anything is written.
     scoring_input = read_competition_file(competition_input(config.input_uri, settings))
     model = resolve_model(config.model_uri)

@@ -125,13 +125,16 @@ class StateDirError(UserError, ValueError):
     """The state directory cannot hold the pipeline's state: a file, read-only, or full."""
 
 
-def check_state_dir(state: Path) -> None:
+def check_state_dir(state: Path, writable: bool = True) -> None:
     """Refuse, in milliseconds and naming the cause, a state directory that Prefect and
     MLflow would otherwise fail on after minutes of retries: a file, a directory that
-    cannot be written, or a disk without room for the databases and checkpoints."""
+    cannot be written, or a disk without room for the databases and checkpoints. A
+    command that only reads (not `writable`) needs an existing directory, nothing more."""
     if state.exists() and not state.is_dir():
         raise StateDirError(f"the state directory {state} is a file: pass --state-dir a "
                             "directory (it is created if missing)")
+    if not writable and state.is_dir():
+        return
     probe = state / f".write-probe-{os.getpid()}"
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -176,16 +179,52 @@ def disk_error_message(exc: BaseException | None, where: Path | None = None) -> 
     return None
 
 
-def bypass_proxy_for_loopback() -> None:
+def tracking_error_message(exc: BaseException | None) -> str | None:
+    """One line for a tracking call that failed on the network (MLflow wraps the requests
+    error, after its bounded retries), or None when that is not the cause."""
+    import requests
+
+    from model.data.uri import redact
+
+    while exc is not None and not isinstance(exc, requests.RequestException):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return (f"the MLflow tracking server {uri} did not answer a request within "
+            f"MLFLOW_HTTP_REQUEST_TIMEOUT ({os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s) "
+            f"and its retries ({type(exc).__name__}): check the server, then rerun")
+
+
+def bypass_proxy_for_loopback(prefect: bool = False) -> None:
     """The embedded Prefect API and the local stack listen on 127.0.0.1; a proxy set up
-    for the outside world cannot reach them, and asking it makes every call hang or fail."""
+    for the outside world cannot reach them, and asking it makes every call hang or fail.
+    `prefect`: the command starts Prefect, whose client must support the proxy."""
     names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
     if not any(os.environ.get(n) or os.environ.get(n.lower()) for n in names):
         return
+    if prefect:
+        check_socks_support()
     entries = [e.strip() for n in ("NO_PROXY", "no_proxy")
                for e in os.environ.get(n, "").split(",") if e.strip()]
     entries += [h for h in ("127.0.0.1", "localhost", "::1") if h not in entries]
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(dict.fromkeys(entries))
+
+
+def check_socks_support() -> None:
+    """Prefect's HTTP client builds a transport for each proxy variable when it starts, and
+    one for a SOCKS proxy needs the socksio package: without it, say so in one line."""
+    import importlib.util
+
+    from model.config import ConfigError
+    from model.data.uri import redact
+
+    for name in ("ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY"):
+        value = os.environ.get(name) or os.environ.get(name.lower()) or ""
+        if value.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
+            raise ConfigError(f"{name}={redact(value)} is a SOCKS proxy, which Prefect reaches "
+                              "only with the socksio package: pip install 'httpx[socks]', or "
+                              f"unset {name}")
 
 
 def tracking_timeout() -> float:
@@ -206,6 +245,12 @@ def check_tracking_server(uri: str, timeout: float | None = None) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     timeout = tracking_timeout() if timeout is None else timeout
+    # Every later call too: a server that answers this probe and never its API would
+    # otherwise hold one for minutes. A quarter of the budget per try, two retries 1 s
+    # apart: within the budget in all. What the environment sets is kept.
+    for name, value in (("TIMEOUT", max(1, int(timeout / 4))), ("MAX_RETRIES", 2),
+                        ("BACKOFF_FACTOR", 1)):
+        os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{name}", str(value))
     deadline = time.monotonic() + timeout
     parts = urlsplit(uri)
     # Credentials in the URL are MLflow's to send; any HTTP answer will do here (a server

@@ -211,7 +211,7 @@ def test_real_small_full_and_read_only_disks(setup: str, said: str, tmp_path: Pa
     mount = tmp_path / "disk"
     mount.mkdir()
     script = (f"D={mount}; mount -t tmpfs -o size=1m tmpfs $D && {setup} "
-              f'exec "$0" -m flows.cli --state-dir $D/state models')
+              f'exec "$0" -m flows.cli --state-dir $D/state train --epochs 1')  # it writes
     started = time.monotonic()
     result = subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
