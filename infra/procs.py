@@ -247,8 +247,10 @@ class Supervisor:
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
             "", "[include]", f"files={self.programs_dir}/*.conf", "",
         ]))
-        env = {k: v for k, v in os.environ.items() if k != STACK_ENV}
-        env[STACK_ENV] = str(self.root)
+        # Programs get complete environments of their own; supervisord's would leak into
+        # them (another stack's PREFECT_API_URL, say), so it gets almost none.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), STACK_ENV: str(self.root),
+               **{k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "TMPDIR")}}
         # supervisord daemonizes: it is in a session of its own once this returns.
         result = subprocess.run([tool("supervisord"), "-c", str(conf)], env=env,
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL,

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # infra/ ships with the checkout, not the installed package
     sys.path.insert(0, str(REPO))
 
-from infra.procs import read_env_file  # noqa: E402
+from infra.procs import Supervisor, read_env_file  # noqa: E402
 
 # The shared data every test module reads, through the fixtures below.
 SHARED = REPO.parent / "shared" / "datasets"
@@ -66,13 +68,38 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
 
 @pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def stack_state_dir() -> Iterator[Callable[[], Path]]:
+    """New state directories for local stacks, removed at the end of the session. As root
+    the stack runs PostgreSQL as the `postgres` user, which must be able to enter them:
+    pytest's own base folder is private (0700, and each pytest run resets it), so these
+    live beside it, enterable (0711) but not listable by others."""
+    made: list[Path] = []
+
+    def new() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="cifar-stack-")))
+        made[-1].chmod(0o711)
+        return made[-1]
+
+    yield new
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stack_pids(state: Path) -> dict[str, int]:
+    """{program: pid} of what the stack's supervisord runs now (services and workers)."""
+    return {name: info["pid"] for name, info in Supervisor(state / "stack").info().items()
+            if info["pid"]}
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory,
+                stack_state_dir: Callable[[], Path]) -> Iterator[dict]:
     """`infra/stack.py up` with two CPU-slot workers on the gpu pool, for the session:
-    Prefect server, MLflow server, moto S3, deployments from prefect.yaml. The competition
-    file of its workers is the first 200 images of the shared sample."""
+    PostgreSQL, SeaweedFS's S3, Prefect and MLflow servers, deployments from prefect.yaml.
+    The competition file of its workers is the first 200 images of the shared sample."""
     from model.data import read_competition_pickle, write_competition_pickle
 
-    state = tmp_path_factory.mktemp("stack-state")
+    state = stack_state_dir()
     env = {k: v for k, v in os.environ.items() if k not in STACK_CLEARED}
     ids, images = read_competition_pickle(COMPETITION_SAMPLE)
     competition = state / "competition-200.pkl"

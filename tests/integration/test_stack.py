@@ -1,6 +1,8 @@
 """The local stack (`infra/stack.py`) for real: up, status, a second up, pools, workers,
-buckets, a dead service restarted, down; then `up --auth` refusing requests without
-credentials. The tests run in file order on one stack.
+buckets, PostgreSQL and SeaweedFS's S3 holding the data, a killed service restarted by
+supervisord, down keeping the data; then `up --auth` refusing requests without credentials,
+and a stack whose every process was SIGKILLed coming back with its data. The tests run in
+file order on one stack.
 
 The stack lives in a temporary state directory on free ports of 127.0.0.1 and is brought
 down at the end of the module whatever happened.
@@ -9,6 +11,7 @@ down at the end of the module whatever happened.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -19,13 +22,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import psutil
 import pytest
+
+from tests.conftest import stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,7 +71,13 @@ class Stack:
         return {k: v for k, v in env.items() if k not in ("PWD", "SHLVL", "_")}
 
     def pids(self) -> dict[str, int]:
-        return {p.stem: int(p.read_text()) for p in sorted((self.root / "pids").glob("*.pid"))}
+        return stack_pids(self.state)
+
+    def s3(self):
+        env = self.client_env
+        return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+                            region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
 
     def api(self, path: str, body: dict | None = None, auth: str | None = None):
         headers = {"Content-Type": "application/json"}
@@ -99,9 +110,9 @@ def _stop(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(stack_state_dir: Callable[[], Path]) -> Iterator[Stack]:
     """A stack with two CPU-slot workers on the gpu pool (and one on the cpu pool)."""
-    started = _start(tmp_path_factory.mktemp("stack-state"), "--workers", "2")
+    started = _start(stack_state_dir(), "--workers", "2")
     try:
         yield started
     finally:
@@ -139,19 +150,28 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+SERVICES = ["postgres", "s3", "prefect", "mlflow", "alerts"]
+
+
 def test_up_starts_every_service_on_loopback_and_status_reports_them_healthy(stack: Stack):
     ports = stack.config["ports"]
-    assert sorted(ports) == ["alerts", "mlflow", "moto", "prefect"]
-    assert len(set(ports.values())) == 4
+    assert {"postgres", "s3", "prefect", "mlflow", "alerts"} <= set(ports)
+    assert len(set(ports.values())) == len(ports)
 
     status = stack.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
-    for name, port in ports.items():
+    for name in SERVICES:
         line = next(li for li in status.stdout.splitlines() if li.startswith(name))
-        assert f"http://127.0.0.1:{port}" in line and line.endswith("ok"), line
-        # Bound to 127.0.0.1 only (0100007F in /proc's byte order), never to all interfaces.
+        assert f"127.0.0.1:{ports[name]}" in line and " RUNNING " in line, line
+        assert line.endswith("ok"), line
+    # Every port, SeaweedFS's gRPC ones too, on 127.0.0.1 only (0100007F in /proc's byte
+    # order), never on all interfaces.
+    for name, port in ports.items():
         assert _listening(port) and set(_listening(port)) == {"0100007F"}, (name, port)
-    assert status.stdout.count("alive") == 3  # two gpu-pool slots, one cpu-pool worker
+    assert sum(li.startswith("worker.") and li.endswith("ok")
+               for li in status.stdout.splitlines()) == 3  # two gpu slots, one cpu worker
+    # The database cluster is its owner's alone.
+    assert stat.S_IMODE((stack.root / "postgres").stat().st_mode) == 0o700
 
 
 def test_env_file_points_clients_at_the_stack_and_is_private(stack: Stack):
@@ -161,16 +181,19 @@ def test_env_file_points_clients_at_the_stack_and_is_private(stack: Stack):
     ports = stack.config["ports"]
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['prefect']}/api"
     assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
-    assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{ports['moto']}"
+    assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{ports['s3']}"
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL_S3"]
     assert env["CIFAR_OBJECT_STORE"] == "s3://cifar-pipeline/objects"
     assert env["CIFAR_STATE_DIR"] == str(stack.state.resolve())
-    # moto's credentials are the stack's own random pair, never real ones nor fixed ones.
+    # The S3 server's credentials are the stack's own random pair.
     secret = json.loads((stack.root / "secrets.json").read_text())
     assert env["AWS_ACCESS_KEY_ID"] == secret["s3_access_key_id"]
     assert env["AWS_ACCESS_KEY_ID"].startswith("STACK")
     assert len(env["AWS_SECRET_ACCESS_KEY"]) >= 40
     assert stat.S_IMODE((stack.root / "secrets.json").stat().st_mode) == 0o600
+    # The supervisor's program files hold the database password: private too.
+    for conf in (stack.root / "supervisor" / "programs").glob("*.conf"):
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600, conf
 
 
 def test_work_pools_gpu_and_cpu_exist_as_process_pools(stack: Stack):
@@ -206,20 +229,31 @@ def test_workers_report_to_their_pools_with_no_gpu_visible(stack: Stack):
         assert env["CIFAR10_CACHE_DIR"] == str(stack.state.resolve() / "cache")
 
 
-def test_buckets_exist_and_mlflow_keeps_artifacts_in_s3(stack: Stack):
+def test_mlflow_keeps_runs_in_postgresql_and_artifacts_in_s3(stack: Stack):
+    import psycopg
     from mlflow import MlflowClient
 
-    env = stack.client_env
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
-    assert {"cifar-mlflow", "cifar-pipeline"} <= names
+    s3 = stack.s3()
+    assert {"cifar-mlflow", "cifar-pipeline"} <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    # The S3 server checks credentials: a made-up pair is refused.
+    stranger = boto3.client("s3", endpoint_url=stack.client_env["AWS_ENDPOINT_URL_S3"],
+                            region_name="us-east-1", aws_access_key_id="testing",
+                            aws_secret_access_key="testing")
+    with pytest.raises(Exception, match=r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch"):
+        stranger.list_objects_v2(Bucket="cifar-pipeline")
 
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=stack.client_env["MLFLOW_TRACKING_URI"])
     run = client.create_run(client.create_experiment("stack-smoke"))
     client.log_text(run.info.run_id, "through the server", "note.txt")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="cifar-mlflow")["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
+    password = json.loads((stack.root / "secrets.json").read_text())["postgres_password"]
+    with psycopg.connect(host="127.0.0.1", port=stack.config["ports"]["postgres"],
+                         user="cifar", password=password, dbname="mlflow") as conn:
+        found = conn.execute("SELECT run_uuid FROM runs WHERE run_uuid = %s",
+                             (run.info.run_id,)).fetchall()
+    assert found == [(run.info.run_id,)]
+    s3.put_object(Bucket="cifar-pipeline", Key="objects/survives.txt", Body=b"kept")
 
 
 def test_a_second_up_changes_nothing(stack: Stack):
@@ -229,32 +263,33 @@ def test_a_second_up_changes_nothing(stack: Stack):
     seconds = time.monotonic() - began
     assert again.returncode == 0, again.stdout + again.stderr
     assert stack.pids() == before
-    assert again.stdout.count("already running") == 7  # 4 services, 3 workers
+    assert ": started" not in again.stdout and "restarted" not in again.stdout, again.stdout
     assert seconds < stack.up_seconds
 
 
-def test_up_restarts_a_dead_service_and_leaves_the_others(stack: Stack):
+def test_a_killed_service_or_worker_is_restarted_by_itself(stack: Stack):
     before = stack.pids()
-    moto = psutil.Process(before["moto"])
-    os.killpg(before["moto"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _alive(moto) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    down = stack.run("status")
-    assert down.returncode == 1 and "down" in down.stdout
-
-    again = stack.run("up", "--no-deploy", "--cpu-slots", "--workers", "2")
-    assert again.returncode == 0, again.stdout + again.stderr
+    worker = next(n for n in before if n.startswith("worker.gpu."))
+    for name in ("mlflow", "s3", worker):
+        os.kill(before[name], signal.SIGKILL)
+    killed = time.monotonic()
+    while any(stack.pids().get(n) in (None, before[n]) for n in ("mlflow", "s3", worker)):
+        assert time.monotonic() - killed < 10, stack.pids()
+        time.sleep(0.2)
+    # Nothing else was touched, and each comes back to health on its own.
     after = stack.pids()
-    assert after["moto"] != before["moto"]
-    assert {k: v for k, v in after.items() if k != "moto"} == \
-        {k: v for k, v in before.items() if k != "moto"}
-    assert stack.run("status").returncode == 0
-    # moto keeps objects in memory: the restart lost the buckets, and up made them again.
-    s3 = boto3.client("s3", endpoint_url=stack.client_env["AWS_ENDPOINT_URL_S3"],
-                      region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")
-    assert {"cifar-mlflow", "cifar-pipeline"} <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert {n: p for n, p in after.items() if n not in ("mlflow", "s3", worker)} == \
+        {n: p for n, p in before.items() if n not in ("mlflow", "s3", worker)}
+    deadline = time.monotonic() + 120
+    while (status := stack.run("status")).returncode != 0:
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(2)
+    lines = {li.split()[0]: li for li in status.stdout.splitlines() if li.strip()}
+    for name in ("mlflow", "s3", worker):
+        assert "restarted 1x" in lines[name] and "SIGKILL" in lines[name], lines[name]
+    # SeaweedFS lost nothing on the way.
+    body = stack.s3().get_object(Bucket="cifar-pipeline", Key="objects/survives.txt")["Body"]
+    assert body.read() == b"kept"
 
 
 def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(stack: Stack):
@@ -275,9 +310,8 @@ def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(
         bystander.wait()
     for name, port in stack.config["ports"].items():
         assert _port_free(port), (name, port)
-    assert not list((stack.root / "pids").iterdir())
-    assert (stack.root / "mlflow.db").is_file()
-    assert (stack.root / "prefect" / "prefect.db").is_file()
+    assert (stack.root / "postgres" / "PG_VERSION").is_file()
+    assert list((stack.root / "s3").iterdir())
     assert stack.run("status").returncode == 1
     again = stack.run("down")  # nothing left to stop
     assert again.returncode == 0, again.stderr
@@ -285,7 +319,7 @@ def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(
 
 def test_auth_refuses_requests_without_credentials(stack: Stack):
     """After `down`, the same state directory comes back up with --auth (a warm database
-    starts faster than a fresh one)."""
+    starts faster than a fresh one), its data still there."""
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
     up = stack.run("up", "--no-deploy", "--cpu-slots", "--auth", "--workers", "1",
                    "--cpu-pool-workers", "0")
@@ -307,7 +341,7 @@ def test_auth_refuses_requests_without_credentials(stack: Stack):
                stack.api("/work_pools/gpu/workers/filter", {}, auth=prefect_auth)}
     assert workers[host_worker]["status"] == "ONLINE"
 
-    search = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    search = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=5"
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(search, timeout=10)
     assert refused.value.code == 401
@@ -315,6 +349,8 @@ def test_auth_refuses_requests_without_credentials(stack: Stack):
         "Authorization": "Basic " + base64.b64encode(mlflow_auth.encode()).decode()})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+        # The experiment made before `down` is still in PostgreSQL.
+        assert "stack-smoke" in response.read().decode()
 
     # The passwords stay out of the logs and of what up and status print.
     passwords = [env["MLFLOW_TRACKING_PASSWORD"], prefect_auth.split(":", 1)[1]]
@@ -323,3 +359,23 @@ def test_auth_refuses_requests_without_credentials(stack: Stack):
     for text in [status.stdout, up.stdout, up.stderr,
                  *(p.read_text() for p in (stack.root / "logs").iterdir())]:
         assert not any(p in text for p in passwords)
+
+
+def test_a_stack_whose_every_process_was_killed_comes_back_with_its_data(stack: Stack):
+    """SIGKILL to supervisord and everything under it, as a power cut or the OOM killer
+    would; then `up`."""
+    victims = [psutil.Process(int((stack.root / "supervisor" / "supervisord.pid")
+                                  .read_text()))]
+    for pid in stack.pids().values():
+        leader = psutil.Process(pid)
+        victims += [leader, *leader.children(recursive=True)]
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    up = stack.run("up", "--no-deploy", "--cpu-slots", "--workers", "1",
+                   "--cpu-pool-workers", "0")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert stack.run("status").returncode == 0
+    body = stack.s3().get_object(Bucket="cifar-pipeline", Key="objects/survives.txt")["Body"]
+    assert body.read() == b"kept"

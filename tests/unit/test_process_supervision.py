@@ -1,55 +1,121 @@
-"""Process supervision of the infra scripts (`infra/procs.py`), without servers: process
-records that a reused pid cannot fool, `stop` of a process and everything it started, and
-the stack's env file."""
+"""The stack's process layer (`infra/procs.py`): the program files supervisord reads, the
+one process stopper, the clean-up before a program starts afresh, the restart count
+`status` shows, and the env file. One slow test runs a real supervisord."""
 
 from __future__ import annotations
 
-import json
+import configparser
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
+import pytest
+
 from infra import procs
 
-
-def test_a_record_matches_only_the_process_it_was_made_for():
-    me = {"pid": os.getpid(), "argv": ["python", *procs.cmdline(os.getpid())[1:]],
-          "start_time": procs.proc_stat(os.getpid())[4]}
-    assert procs.matches(me)
-    assert not procs.matches({**me, "start_time": me["start_time"] + 1})  # pid reused
-    assert not procs.matches({**me, "argv": ["prefect", "server", "start"]})
-    assert not procs.matches({**me, "pid": 2**22 + 1})
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
-def test_stop_ends_the_process_and_what_it_started_in_another_session(tmp_path):
-    # Like a worker whose flow run runs in a session of its own.
+def _sleeper(**kwargs) -> subprocess.Popen:
+    return subprocess.Popen(SLEEPER, **kwargs)
+
+
+def test_a_program_file_keeps_arguments_and_environment_verbatim(tmp_path):
+    program = procs.Program("mlflow", ["mlflow", "server", "--opt", "50% off", "a b"],
+                            {"PGPASSWORD": 'p%"w'}, user="postgres", fresh=True)
+    section = configparser.RawConfigParser()
+    section.read_string(program.section(tmp_path))
+    body = section["program:mlflow"]
+    # supervisord expands %(...)s: a literal % is doubled, and it halves it again.
+    assert "50%% off" in body["command"] and "'a b'" in body["command"]
+    assert body["command"].split()[:4] == [sys.executable, procs.__file__, "exec", "--"]
+    assert 'PGPASSWORD="p%%\\"w"' in body["environment"]
+    assert f'{procs.STACK_ENV}="{tmp_path}"' in body["environment"]
+    assert body["autorestart"] == "true" and body["user"] == "postgres"
+    assert body["stopasgroup"] == body["killasgroup"] == "true"
+
+
+def test_stop_processes_terminates_and_kills_what_ignores_sigterm():
+    polite = _sleeper()
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline() == "ready\n"
+    family = [psutil.Process(polite.pid), psutil.Process(stubborn.pid)]
+    assert procs.stop_processes(family, timeout=0.3) == 1  # only the stubborn one killed
+    assert [p.returncode for p in family] == [-signal.SIGTERM, -signal.SIGKILL]
+
+
+def test_a_fresh_start_stops_only_the_leftovers_of_the_same_program(tmp_path):
+    base = {**os.environ, procs.STACK_ENV: str(tmp_path)}
+    leftover = _sleeper(env={**base, procs.PROGRAM_ENV: "mlflow"}, start_new_session=True)
+    sibling = _sleeper(env={**base, procs.PROGRAM_ENV: "prefect"})
+    stranger = _sleeper(env={**os.environ, procs.PROGRAM_ENV: "mlflow"})
+    try:
+        deadline = time.monotonic() + 5
+        while len(procs.stack_processes(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the environment is readable once exec is done
+        fresh = subprocess.Popen([sys.executable, procs.__file__, "exec", "--",
+                                  sys.executable, "-c", "print('started')"],
+                                 stdout=subprocess.PIPE, text=True,
+                                 env={**base, procs.PROGRAM_ENV: "mlflow"})
+        assert leftover.wait(10) == -signal.SIGTERM  # reaped here: it is this test's child
+        assert fresh.communicate(timeout=30)[0].splitlines() == [
+            "stopping 1 process(es) an earlier mlflow left", "started"]
+        assert sibling.poll() is None and stranger.poll() is None
+    finally:
+        for p in (leftover, sibling, stranger):
+            p.kill()
+            p.wait()
+
+
+def test_restarts_count_unexpected_exits_since_supervisord_last_started(tmp_path):
+    supervisor = procs.Supervisor(tmp_path)
+    supervisor.log.parent.mkdir(parents=True)
+    supervisor.log.write_text(
+        "2026-01-01 10:00:00,000 INFO exited: mlflow (exit status 1; not expected)\n"
+        "2026-01-01 10:01:00,000 INFO supervisord started with pid 7\n"
+        "2026-01-01 10:02:00,000 INFO exited: mlflow (terminated by SIGKILL; not expected)\n"
+        "2026-01-01 10:03:00,000 INFO exited: prefect (exit status 0; expected)\n"
+        "2026-01-01 10:04:00,000 INFO exited: mlflow (exit status 3; not expected)\n")
+    assert supervisor.restarts() == {"mlflow": (2, "2026-01-01 10:04:00 exit status 3")}
+
+
+@pytest.mark.slow
+def test_supervisord_restarts_a_killed_program_and_stop_ends_its_flow_runs(tmp_path):
+    """A program that starts a child in a session of its own, as a worker starts flow runs."""
+    supervisor = procs.Supervisor(tmp_path)
     code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
-    spec = procs.Spec("job", [sys.executable, "-c", code], dict(os.environ))
-    leader = procs.spawn(tmp_path, spec).pid
-    deadline = time.monotonic() + 5
-    while len(procs.family(leader, leader_alive=True)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    family = procs.family(leader, leader_alive=True)
-    assert len(family) == 2
-
-    assert procs.running(tmp_path, "job")["pid"] == leader
-    assert "stopped pid" in procs.stop(tmp_path, "job", timeout=5)
-    assert not any(procs.alive(p, s) for p, s in family.items())
-    assert not list((tmp_path / "pids").iterdir())
-
-
-def test_stop_leaves_a_pid_that_now_belongs_to_another_program_alone(tmp_path):
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    worker = procs.Program("worker.gpu.h-cpu0", [sys.executable, "-c", code],
+                           dict(os.environ))
+    supervisor.start()
     try:
-        record = {"pid": bystander.pid, "argv": ["prefect", "worker", "start"]}
-        procs.write_text(tmp_path / "pids" / "worker.gpu.h-gpu0.json", json.dumps(record))
-        assert "left it alone" in procs.stop(tmp_path, "worker.gpu.h-gpu0")
-        assert bystander.poll() is None
+        assert supervisor.apply([worker]) == ["worker.gpu.h-cpu0: started"]
+        first = supervisor.wait_running(worker.name, 15)["pid"]
+        assert supervisor.apply([worker]) == []  # unchanged: left alone
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        while supervisor.info()[worker.name]["pid"] in (0, first):
+            assert time.monotonic() - killed < 10
+            time.sleep(0.1)
+        second = supervisor.wait_running(worker.name, 15)["pid"]
+        assert supervisor.restarts()[worker.name][0] == 1
+        deadline = time.monotonic() + 5
+        while not psutil.Process(second).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        family = [psutil.Process(second), *psutil.Process(second).children()]
+        assert len(family) == 2
+        supervisor.stop([worker.name])
+        assert not [p for p in family if p.is_running() and p.status() != "zombie"]
+        assert supervisor.programs() == []
     finally:
-        bystander.kill()
-        bystander.wait()
+        supervisor.shutdown()
+        procs.stop_processes(procs.stack_processes(tmp_path))
 
 
 def test_env_file_round_trips_values_that_need_quoting(tmp_path):

@@ -5,6 +5,8 @@ stack's settings, and the `stack` subcommand of the command line."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import procs, provision, services, stack, workers
+from infra import postgres, procs, provision, services, stack, workers
 from infra.procs import StackError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,7 +161,8 @@ def prefect(monkeypatch, tmp_path):
 
 
 def _stack(tmp_path):
-    return services.Stack(tmp_path, {"moto": 1, "prefect": 2, "mlflow": 3}, None, False)
+    return services.Stack(tmp_path, {"s3": 1, "prefect": 2, "mlflow": 3, "postgres": 4}, None,
+                          False)
 
 
 def test_up_creates_the_pools_then_caps_the_gpu_pool_only(prefect, tmp_path):
@@ -199,19 +202,22 @@ def test_deployments_on_gpu_pools_are_tagged_gpu_and_others_are_not():
     assert "train-variant" in on_gpu and on_gpu == tagged
 
 
-def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_moto(tmp_path, monkeypatch):
+def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_seaweedfs(tmp_path,
+                                                                              monkeypatch):
     monkeypatch.delenv("CIFAR_S3_ENDPOINT", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     first = stack.configure(tmp_path, auth=None)
     assert stack.configure(tmp_path, auth=None).ports == first.ports
-    assert first.services() == ["moto", "prefect", "mlflow", "alerts"]
+    assert sorted(first.ports) == sorted(services.PORTS)
+    assert len(set(first.ports.values())) == len(services.PORTS)
+    assert first.stages() == [["postgres", "s3"], ["prefect", "mlflow", "alerts"]]
     assert not first.auth
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.internal:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.internal:9000")
     external = stack.configure(tmp_path, auth=True)  # nothing runs: settings may change
-    assert external.services() == ["prefect", "mlflow", "alerts"]
-    assert external.s3_endpoint == "http://minio.internal:9000"
-    assert "AWS_ACCESS_KEY_ID" not in services.client_env(external)  # the user's own, not moto's
+    assert external.services() == ["postgres", "prefect", "mlflow", "alerts"]
+    assert external.s3_endpoint == "http://s3.internal:9000"
+    assert "AWS_ACCESS_KEY_ID" not in services.client_env(external)  # the user's own
     assert external.auth and services.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
 
 
@@ -256,3 +262,76 @@ def test_cli_main_runs_stack_with_the_resolved_state_dir(monkeypatch, tmp_path, 
     assert calls[0][2:] == ["status", "--state-dir", str((tmp_path / "s").resolve())]
     assert cli.main(["stack", "status", "--no-deploy"]) == 1
     assert "error: --no-deploy only go with `stack up`" in capsys.readouterr().err
+
+
+def test_a_stack_json_from_before_a_service_gets_ports_for_it_and_keeps_its_own(tmp_path):
+    (tmp_path / "stack.json").write_text(json.dumps(
+        {"ports": {"moto": 41001, "prefect": 41002, "mlflow": 41003, "alerts": 41004}}))
+    configured = stack.configure(tmp_path, auth=None)
+    assert {k: configured.ports[k] for k in ("prefect", "mlflow", "alerts")} == \
+        {"prefect": 41002, "mlflow": 41003, "alerts": 41004}
+    assert set(services.PORTS) <= set(configured.ports)
+    assert len(set(configured.ports.values())) == len(configured.ports)
+
+
+# ------------------------------------------------------------------ PostgreSQL faults
+
+
+@pytest.fixture(autouse=True)
+def _as_this_user(monkeypatch):
+    """initdb and the server as the current user: the checks below come before either."""
+    monkeypatch.setattr(postgres, "os_user", lambda: None)
+
+
+def test_a_cluster_of_another_major_version_is_refused_and_kept(tmp_path):
+    data = tmp_path / "postgres"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("9\n")
+    with pytest.raises(StackError, match=r"PostgreSQL 9 cluster .* pg_upgrade"):
+        postgres.prepare(_stack(tmp_path), "pw")
+    assert (data / "PG_VERSION").read_text() == "9\n"  # never deleted
+
+
+def test_a_lock_file_whose_pid_is_another_program_names_the_file_to_delete(tmp_path):
+    data = tmp_path / "postgres"
+    data.mkdir()
+    (data / "PG_VERSION").write_text(postgres.major_version(postgres.bin_dir()) + "\n")
+    (data / "postmaster.pid").write_text(f"{os.getpid()}\n{data}\n")  # this test, not postgres
+    with pytest.raises(StackError, match=r"postmaster.pid names pid \d+, which is now .*delete"):
+        postgres.prepare(_stack(tmp_path), "pw")
+    (data / "postmaster.pid").write_text("999999999\n")  # a pid that is gone: PostgreSQL's own
+    postgres.prepare(_stack(tmp_path), "pw")
+
+
+def test_initdb_out_of_disk_space_says_how_much_to_free(tmp_path, monkeypatch):
+    def full(user, argv, **kwargs):
+        if "initdb" not in argv[0]:
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        return subprocess.CompletedProcess(argv, 1, "", 'initdb: error: could not write to '
+                                           'file "base/1/1259": No space left on device')
+
+    monkeypatch.setattr(postgres, "_run_as", full)
+    with pytest.raises(StackError, match=r"ran out of disk space .* free some space"):
+        postgres.prepare(_stack(tmp_path), "pw")
+
+
+def test_a_port_taken_by_another_program_fails_up_before_starting_anything(tmp_path,
+                                                                           monkeypatch):
+    import socket
+
+    class NoSupervisor:
+        def info(self):
+            return {}
+
+        def apply(self, programs):
+            raise AssertionError("nothing may start")
+
+    monkeypatch.setattr(postgres, "prepare", lambda *a: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        configured = _stack(tmp_path)
+        configured.ports = {**stack.configure(tmp_path, auth=None).ports,
+                            "postgres": taken.getsockname()[1]}
+        with pytest.raises(StackError, match=r"port \d+ for postgres is taken .* delete"):
+            stack.ensure_services(configured, NoSupervisor(), timeout=5)
