@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import types
 import typing
@@ -98,6 +99,10 @@ def option(default: Any = None, help: str = "", **bounds: Any) -> Any:
     return field(default=default, metadata={"help": help, **bounds})
 
 
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="),
+           "lt": (operator.lt, "<")}
+
+
 def _check(name: str, value: Any, type_: Any, meta: dict[str, Any]) -> None:
     if value is None:
         if is_optional(type_):
@@ -112,12 +117,9 @@ def _check(name: str, value: Any, type_: Any, meta: dict[str, Any]) -> None:
     accepted = (int, float) if kind is float else kind
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
         raise ConfigError(f"{name}: must be {kind.__name__}, got {value!r}")
-    if kind is bool or kind is str:
-        return
-    if meta.get("finite") and not math.isfinite(value):
+    if kind in (int, float) and meta.get("finite") and not math.isfinite(value):
         raise ConfigError(f"{name}: must be a finite number, got {value}")
-    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+    for key, (ok, word) in _BOUNDS.items():
         if key in meta and not ok(value, meta[key]):
             raise ConfigError(f"{name}: must be {word} {meta[key]}, got {value}")
 

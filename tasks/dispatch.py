@@ -38,7 +38,7 @@ class DispatchError(UserError, RuntimeError):
 class PoolOptions:
     """How pool dispatch runs: the child deployment and the two deadlines, in seconds."""
 
-    deployment: str
+    child_deployment: str
     start_timeout_seconds: float
     timeout_seconds: float
 
@@ -61,7 +61,7 @@ def run_on_pool(jobs: list[VariantJob], options: PoolOptions, settings: Settings
     children = {}
     with get_client(sync_client=True) as client:
         for job in jobs:
-            run = run_deployment(options.deployment,
+            run = run_deployment(options.child_deployment,
                                  parameters={"job": job.model_dump(mode="json")}, timeout=0,
                                  flow_run_name=f"{job.name} {job.run_key[:8]}",
                                  tags=run_tags(job), idempotency_key=idempotency_key(job))
@@ -74,7 +74,7 @@ def run_on_pool(jobs: list[VariantJob], options: PoolOptions, settings: Settings
             else:
                 logger.info("%s is flow run %s", job.name, run.id)
             children[job.name] = (job, run.id)
-        pool = client.read_deployment_by_name(options.deployment).work_pool_name
+        pool = client.read_deployment_by_name(options.child_deployment).work_pool_name
         states = _wait(client, children, pool, options, logger)
     store = open_store(settings.object_store)
     results: list[VariantResult] = []

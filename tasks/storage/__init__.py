@@ -22,19 +22,9 @@ from tasks.storage.errors import MissingObjectError, ObjectExistsError, StorageE
 from tasks.storage.local import LocalStore
 from tasks.storage.s3 import S3Store
 
-__all__ = [
-    "LocalStore",
-    "MissingObjectError",
-    "ObjectExistsError",
-    "ObjectStore",
-    "S3Store",
-    "StorageError",
-    "check_location",
-    "open_location",
-    "open_store",
-    "parse_store_uri",
-    "validate_key",
-]
+__all__ = ["LocalStore", "MissingObjectError", "ObjectExistsError", "ObjectStore", "S3Store",
+           "StorageError", "check_location", "open_location", "open_store", "parse_store_uri",
+           "validate_key"]
 
 
 def open_store(uri: str, **s3_options: Any) -> ObjectStore:
