@@ -9,14 +9,14 @@ from __future__ import annotations
 from prefect import flow
 
 from model.config import DataConfig
-from tasks.data import prepare_data
+from tasks.data import load_data
 from tasks.settings import Settings
 
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data_flow(data: DataConfig = DataConfig()) -> dict:  # noqa: B008 (frozen)
     settings = Settings.from_env()
-    dataset = prepare_data(settings, data)
+    dataset = load_data(settings, data)
     counts = [int((dataset.train.labels == c).sum()) for c in range(len(dataset.classes))]
     return {"source": dataset.source, "digest": dataset.digest,
             "val_digest": dataset.val.digest, "train_images": len(dataset.train),

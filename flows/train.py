@@ -8,6 +8,8 @@ GPUs are visible), or as child flow runs on the GPU work pool (tasks/dispatch.py
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlflow
 import torch
 from prefect import allow_failure, flow, get_run_logger
@@ -19,7 +21,7 @@ from model.data import read_competition_pickle
 from model.data.uri import redact
 from model.errors import UserError
 from model.stats import as_metrics, seed_statistics
-from tasks.data import log_dataset, prepare_data
+from tasks.data import load_data, log_dataset, source_uri
 from tasks.promote import Promotion, promote
 from tasks.settings import Settings
 from tasks.tracking import tracked_run
@@ -48,10 +50,12 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
     with tracked_run(run_name=f"train-resnets {run_key[:8]}") as parent:
         mlflow.log_params({"flow." + k: redact(v) if isinstance(v, str) else v
                            for k, v in config.model_dump().items()})
-        jobs = [VariantJob(training=c, data=data_config(config), run_key=run_key,
-                           parent_run_id=parent.info.run_id) for c in config.training_configs()]
-        data = prepare_data(settings, data_config(config))
+        data = load_data(settings, data_config(config))
         log_dataset(data)
+        # Every job loads the source resolved here, and fails on data other than this.
+        pinned = replace(data_config(config), data_source=source_uri(data.source))
+        jobs = [VariantJob(training=c, data=pinned, data_digest=data.digest, run_key=run_key,
+                           parent_run_id=parent.info.run_id) for c in config.training_configs()]
         if config.dispatch == "pool":
             from tasks.dispatch import PoolOptions, run_on_pool
 

@@ -1,9 +1,10 @@
 """The child flow: train one variant and seed on whichever worker picks it up.
 
 The parent flow starts it on the `gpu` work pool with `run_deployment`, one per variant and
-seed (tasks/dispatch.py). It loads the data itself (workers share nothing but object
-storage and MLflow), and leaves its result in object storage, where a retry or a rerun with
-the same run key finds the checkpoint to resume from, or the registered version to return.
+seed (tasks/dispatch.py). It loads the data source the parent names (workers share nothing
+but object storage and MLflow) and fails if it decodes to other data than the parent's. It
+leaves its result in object storage, where a retry or a rerun with the same run key finds
+the checkpoint to resume from, or the registered version to return.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict
 
 from prefect import flow
 
-from tasks.data import prepare_data
+from tasks.data import load_data
 from tasks.settings import Settings
 from tasks.training import VariantJob, fit_and_register
 
@@ -21,5 +22,5 @@ from tasks.training import VariantJob, fit_and_register
 def train_variant_flow(job: VariantJob) -> dict:
     settings = Settings.from_env()
     settings.apply()
-    data = prepare_data(settings, job.data)
+    data = load_data(settings, job.data, job.data_digest)
     return asdict(fit_and_register(job, data, settings))

@@ -29,10 +29,15 @@ def resolve_source(configured: str | None, settings: Settings) -> tuple[str, str
     return TORCHVISION, "the default (torchvision's download)"
 
 
-@task(name="prepare-data", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)
-def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
+class DataMismatchError(InvalidInputError):
+    """A job's data is not the data its parent run decoded (and validated on)."""
+
+
+@task(name="load-data", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)
+def load_data(settings: Settings, data: DataConfig, digest: str | None = None) -> Dataset:
     """Load and split the configured data. A transient object-store error is retried (the
-    scoring writes' policy); a missing object or bad data is not."""
+    scoring writes' policy); a missing object or bad data is not. `digest`: what the parent
+    run decoded from the same source; data with another digest fails the job."""
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
@@ -40,7 +45,7 @@ def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
     logger.info("data source %s (from %s)", resolved, origin)
     try:
         dataset = data.load(resolved, cache_dir=settings.cache_dir,
-                            shared_cache=StoreCache(open_store(settings.object_store)))
+                            shared_cache=StoreCache(open_store(settings.object_store), digest))
     except InvalidInputError as exc:
         if resolved == TORCHVISION:
             raise InvalidInputError(
@@ -49,6 +54,11 @@ def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
                 "cifar-10-python folder or .tar.gz, a Parquet file, or an s3:// URI"
             ) from exc
         raise
+    if digest and dataset.digest != digest:
+        raise DataMismatchError(
+            f"the data differs from the parent run's: {resolved} ({origin}) decodes here to "
+            f"digest {dataset.digest}, the parent decoded {data.data_source} to {digest}. "
+            "Give every worker the same data (an s3:// URI, or the same file at that path)")
     logger.info(
         "dataset %s: %d training, %d validation%s images",
         dataset.digest[:12], len(dataset.train), len(dataset.val),
@@ -60,12 +70,12 @@ def prepare_data(settings: Settings, data: DataConfig) -> Dataset:
 class StoreCache:
     """Decoded arrays in object storage, under `cache/decoded/<source digest>.npz`: each
     Kubernetes Job or worker machine fetches what another one decoded instead of decoding
-    the source again."""
+    the source again. Entries are used only against `digest` (model.data.SharedCache)."""
 
     PREFIX = "cache/decoded"
 
-    def __init__(self, store: ObjectStore):
-        self.store = store
+    def __init__(self, store: ObjectStore, digest: str | None = None):
+        self.store, self.digest = store, digest
 
     def fetch(self, name: str, path: Path) -> bool:
         try:
@@ -87,13 +97,14 @@ def log_dataset(data: Dataset) -> None:
             # A local path matches two equivalent MLflow source types; either is right.
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(
-                split.images, targets=split.labels, source=_source_uri(data.source),
+                split.images, targets=split.labels, source=source_uri(data.source),
                 name=f"cifar10-{context}", digest=split.digest[:16],
             )
         mlflow.log_input(dataset, context=context, tags={"source_digest": data.digest})
 
 
-def _source_uri(source: str) -> str:
-    if "://" in source or source == TORCHVISION:
+def source_uri(source: str) -> str:
+    """The source as a URI that names the same data from any working directory."""
+    if "://" in source or source.startswith(TORCHVISION):
         return source
     return f"file://{os.path.abspath(source)}"

@@ -47,6 +47,8 @@ class VariantJob(BaseModel):
 
     training: TrainConfig
     data: DataConfig = DataConfig()
+    data_digest: str | None = Field(None, description="what the parent decoded from the "
+                                    "data source: a job whose data differs fails")
     run_key: str = Field(min_length=1, description="jobs with the same key share checkpoints: "
                          "a retry or rerun resumes")
     parent_run_id: str | None = Field(None, description="MLflow run to nest under")

@@ -175,7 +175,11 @@ def _decode_source(path: Path, kind: str, source: str) -> RawData:
 
 class SharedCache(Protocol):
     """A decode cache shared by machines (object storage): entries are the local cache's
-    files, named by the source's content digest."""
+    files, named by the source's content digest. Whoever can write to it can replace an
+    entry together with its digest, so an entry is used only when `digest`, what the source
+    is known to decode to (a job's, from the parent that decoded it), is given."""
+
+    digest: str | None
 
     def fetch(self, name: str, path: Path) -> bool:
         """Copy entry `name` to `path`; False when there is none."""
@@ -196,7 +200,8 @@ def load_arrays(
     and torchvision's download are kept there too. With a `shared` cache, a local miss is
     fetched from it before decoding, and what this machine decodes is published to it, so
     a cluster decodes each source once. A fetched entry is checked like a local one (its
-    content digest is recomputed) and decoded afresh when it does not hold.
+    content digest is recomputed) and decoded afresh when it does not hold. With a known
+    `shared.digest`, an entry, local or fetched, that holds other data is refused.
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -210,9 +215,15 @@ def load_arrays(
         kind = _source_kind(path, source)
     files = folder_files(path, source) if kind == "folder" else [path]
     cache_file = cache / f"{_files_key(files)}.npz"
+    expected = shared.digest if shared is not None else None
     cached = _read_cache(cache_file)
-    if cached is None and shared is not None and shared.fetch(cache_file.name, cache_file):
+    if cached is None and expected and shared.fetch(cache_file.name, cache_file):
         cached = _read_cache(cache_file)
+    if cached is not None and expected and cached.digest != expected:
+        _log.warning("refusing the decode cache entry %s: it holds data of digest %s, not the "
+                     "%s that %s decodes to; decoding the source afresh", cache_file.name,
+                     cached.digest, expected, source)
+        cached = None
     if cached is not None:
         return cached
     raw = _decode_source(path, kind, source)

@@ -1,4 +1,4 @@
-"""prepare-data against S3 through the fault-injecting proxy: a transient error (503,
+"""load-data against S3 through the fault-injecting proxy: a transient error (503,
 500) is retried with the scoring writes' policy and the data loads; a permanent one (a
 missing object, bad data) fails at once, without a retry."""
 
@@ -14,7 +14,7 @@ from s3_proxy import FaultProxy
 
 from model.config import DataConfig
 from model.data import InvalidInputError, SourceUnavailableError
-from tasks.data import prepare_data
+from tasks.data import load_data
 from tasks.settings import Settings
 
 BUCKET = "data"
@@ -35,7 +35,7 @@ def uploaded(moto_endpoint: str, shared_parquet: Path, tmp_path_factory) -> str:
 
 @pytest.fixture
 def attempts(monkeypatch) -> list[str]:
-    """The sources prepare-data tried to load, one entry per attempt."""
+    """The sources load-data tried to load, one entry per attempt."""
     seen: list[str] = []
     real = DataConfig.load
 
@@ -51,7 +51,7 @@ def _prepare(tmp_path: Path, key: str, proxy: FaultProxy, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     settings = dataclasses.replace(Settings.from_env(tmp_path / "state"),
                                    cache_dir=tmp_path / "cache")
-    task = prepare_data.with_options(retry_delay_seconds=0)
+    task = load_data.with_options(retry_delay_seconds=0)
     return task(settings, DataConfig(data_source=f"s3://{BUCKET}/{key}", val_size=50))
 
 

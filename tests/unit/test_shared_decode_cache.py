@@ -1,5 +1,6 @@
 """Decoded arrays shared through object storage: one machine decodes a source, the others
-fetch the arrays instead of decoding it again; a bad shared entry is never trusted."""
+fetch the arrays instead of decoding it again, when they know the digest to expect; a bad
+shared entry is never trusted (tests/faults/test_shared_cache_poisoning.py: forged ones)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_a_second_machine_fetches_what_the_first_decoded(tmp_path, source, decod
     config = DataConfig(data_source=source, val_size=20)
     first = config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
     (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
+    shared.digest = first.digest  # a job, given the digest its parent decoded
     second = config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
     assert decodes == [source]  # machine b decoded nothing
     assert second.digest == first.digest and entry.name.endswith(".npz")
@@ -49,6 +51,7 @@ def test_a_corrupt_shared_entry_is_decoded_afresh(tmp_path, source, decodes):
     first = config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
     (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
     entry.write_bytes(entry.read_bytes()[:-300])  # torn or tampered in the store
+    shared.digest = first.digest
     second = config.load(cache_dir=tmp_path / "machine-b", shared_cache=shared)
     assert decodes == [source, source]
     assert second.digest == first.digest
@@ -63,7 +66,7 @@ def test_a_compressed_shared_entry_is_refused_unread(tmp_path, source, decodes, 
     store = LocalStore(tmp_path / "objects")
     shared = StoreCache(store)
     config = DataConfig(data_source=source, val_size=20)
-    config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared)
+    shared.digest = config.load(cache_dir=tmp_path / "machine-a", shared_cache=shared).digest
     (entry,) = (tmp_path / "objects" / "cache" / "decoded").iterdir()
     with zipfile.ZipFile(entry, "w", compression=zipfile.ZIP_DEFLATED) as bomb:
         bomb.writestr("train_images.npy", b"\0" * (64 * 2**20))

@@ -1,0 +1,71 @@
+"""Children train on the data their parent resolved and decoded: the parent pins the source
+and its digest in every job, whatever the child's own environment names; a child whose
+data decodes to another digest fails before it trains."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+
+import tasks.dispatch
+from flows.train import TrainResnetsConfig, train
+from flows.train_variant import train_variant_flow
+from model.config import DataConfig, TrainConfig
+from model.data import Dataset
+from tasks.data import DataMismatchError
+from tasks.settings import REGISTERED_MODEL
+from tasks.training import VariantJob, VariantResult
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.mark.slow
+def test_a_child_whose_environment_names_no_source_trains_on_the_parents_data(
+    parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CIFAR10_SOURCE", str(parquet))  # the parent's machine only
+    children: list[tuple[VariantJob, str | None]] = []
+
+    def worker_without_a_source(jobs, config, settings):
+        """A pool worker elsewhere (a Kubernetes Job): its environment names no data."""
+        with monkeypatch.context() as env:
+            env.delenv("CIFAR10_SOURCE")
+            for job in jobs:
+                children.append((job, os.environ.get("CIFAR10_SOURCE")))
+            # A thread of its own, as a worker's process: no parent flow or MLflow run.
+            with ThreadPoolExecutor(1) as worker:
+                ran = [worker.submit(train_variant_flow, job).result() for job in jobs]
+        return [VariantResult(**result) for result in ran], {}
+
+    monkeypatch.setattr(tasks.dispatch, "run_on_pool", worker_without_a_source)
+    summary = train(TrainResnetsConfig(variants=["light"], epochs=1, batch_size=64,
+                                       train_size=256, val_size=128, dispatch="pool"))
+    ((job, child_env),) = children
+    assert child_env is None
+    assert job.data.data_source == parquet.as_uri() and job.data_digest == small_data.digest
+    (version,) = tracking.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    assert version.tags["data_digest"] == small_data.digest == summary["data_digest"]
+    assert version.tags["val_digest"] == small_data.val.digest
+    assert tracking.get_run(version.run_id).data.params["data_source"] == parquet.as_uri()
+
+
+def test_a_child_given_other_data_fails_naming_both_digests_and_sources(
+    parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
+) -> None:
+    parents = "0" * 64  # what the parent decoded: another file at the same path
+    job = VariantJob(training=TrainConfig(variant="light", epochs=1),
+                     data=DataConfig(data_source=str(parquet), val_size=128, train_size=256),
+                     data_digest=parents, run_key="other-data")
+    with pytest.raises(DataMismatchError) as info:
+        train_variant_flow.with_options(retries=0)(job)
+    message = str(info.value)
+    assert f"{parquet} (the flow configuration) decodes here to digest {small_data.digest}" \
+        in message
+    assert f"the parent decoded {parquet} to {parents}" in message
+    # It failed before training: no MLflow run was started.
+    assert tracking.search_runs([e.experiment_id for e in tracking.search_experiments()]) == []
