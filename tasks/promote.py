@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from model.checkpoint import CheckpointError
 from model.data import Dataset
 from model.predict import predict
 from model.stats import fmt, seed_statistics, spread, verdict
@@ -30,10 +31,10 @@ class Promotion:
     champion_version: str | None  # the champion after this promotion
     promoted: bool
     reason: str
-    previous_version: str | None
-    previous_acc: float | None  # the old champion's accuracy on this validation split
-    candidate_version: str | None
-    candidate_acc: float | None
+    previous_version: str | None = None
+    previous_acc: float | None = None  # the old champion's accuracy on this validation split
+    candidate_version: str | None = None
+    candidate_acc: float | None = None
 
 
 @task(name="promote", cache_policy=NONE, persist_result=False)
@@ -63,8 +64,9 @@ class Champion:
 
 
 def decide(results: list[VariantResult], data: Dataset) -> Promotion:
-    """Read the current champion and its accuracy on these validation images from the
-    registry (re-scoring it when it was validated on other images), then compare."""
+    """Read the current champion from the registry, take every accuracy on these validation
+    images (re-scoring a version validated on other images), then compare."""
+    results = [_on_these_images(r, data) for r in results]
     old = registry.current_champion()
     if old is None:
         return compare(results, None, data.val.digest)
@@ -73,10 +75,28 @@ def decide(results: list[VariantResult], data: Dataset) -> Promotion:
     return compare(results, Champion(str(old.version), accuracy), data.val.digest)
 
 
+def _on_these_images(result: VariantResult, data: Dataset) -> VariantResult:
+    if result.val_digest == data.val.digest:
+        return result
+    accuracy = _rescore(result.version, result.val_digest, data)
+    return replace(result, metrics={**result.metrics, "val/acc": accuracy},
+                   val_digest=data.val.digest)
+
+
 def _accuracy_on(version, data: Dataset) -> float:
     if version.tags.get("val_digest") == data.val.digest:
         return registry.version_accuracy(version)
-    loaded = registry.load(f"models:/{REGISTERED_MODEL}/{version.version}")
+    return _rescore(str(version.version), version.tags.get("val_digest"), data)
+
+
+def _rescore(version: str, validated_on: str | None, data: Dataset) -> float:
+    try:
+        loaded = registry.load(f"models:/{REGISTERED_MODEL}/{version}")
+    except (registry.RegistryError, CheckpointError, OSError) as exc:
+        was = (validated_on or "not recorded")[:12]
+        raise registry.RegistryError(
+            f"version {version} was validated on other images ({was}) and cannot be "
+            f"re-scored on validation {data.val.digest[:12]} to compare it: {exc}") from exc
     labels, _ = predict(loaded.network, data.val.images)
     return float((labels == data.val.labels).mean())
 
@@ -86,30 +106,32 @@ def compare(candidates: list[VariantResult], champion: Champion | None,
     """Which version is champion: the best candidate, only if it beats the champion on
     the same validation images (`val_digest`). A tie keeps the champion; a champion
     whose accuracy is unknown (NaN) is replaced."""
+    other = [r.version for r in candidates if r.val_digest != val_digest]
+    if other:
+        raise ValueError(f"versions {', '.join(other)} were validated on other images than "
+                         f"{val_digest[:12]}: their accuracies cannot be compared")
     if not candidates:
-        return Promotion(champion and champion.version, False, "no new versions to compare",
-                         None, None, None, None)
+        return Promotion(champion and champion.version, False, "no new versions to compare")
     best = max(candidates, key=lambda r: r.val_acc)
+    new = {"candidate_version": best.version, "candidate_acc": best.val_acc}
     if champion is None:
         return Promotion(best.version, True,
                          f"version {best.version} ({best.variant}) is the first champion, "
-                         f"validation accuracy {best.val_acc:.4f}",
-                         None, None, best.version, best.val_acc)
+                         f"validation accuracy {best.val_acc:.4f}", **new)
+    old_acc = champion.val_acc
+    old = {"previous_version": champion.version, "previous_acc": old_acc, **new}
     if champion.version == best.version:
         return Promotion(best.version, False, f"version {best.version} is already champion",
-                         champion.version, best.val_acc, best.version, best.val_acc)
-    old_acc = champion.val_acc
+                         **old)
     if math.isnan(old_acc) or best.val_acc > old_acc:
         return Promotion(best.version, True,
                          f"version {best.version} ({best.variant}, {best.val_acc:.4f}) beats "
                          f"champion version {champion.version} ({old_acc:.4f}) on validation "
-                         f"{val_digest[:12]}",
-                         champion.version, old_acc, best.version, best.val_acc)
+                         f"{val_digest[:12]}", **old)
     return Promotion(champion.version, False,
                      f"champion version {champion.version} ({old_acc:.4f}) stays: the best new "
                      f"version {best.version} ({best.variant}, {best.val_acc:.4f}) does not "
-                     f"beat it on validation {val_digest[:12]}",
-                     champion.version, old_acc, best.version, best.val_acc)
+                     f"beat it on validation {val_digest[:12]}", **old)
 
 
 def comparison_rows(results: list[VariantResult]) -> list[dict[str, str]]:

@@ -76,6 +76,7 @@ class VariantResult:
     params: int = 0
     param_mb: float = 0.0
     resumed_from_epoch: int | None = None
+    val_digest: str = ""  # the validation images val/acc was measured on
 
     @property
     def val_acc(self) -> float:
@@ -138,7 +139,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings) -> Vari
                 run_id=run.info.run_id, version=str(version.version), metrics=result.metrics,
                 history=result.history, params=int(result.metrics["params"]),
                 param_mb=summary(result.model).param_mb,
-                resumed_from_epoch=result.resumed_from_epoch,
+                resumed_from_epoch=result.resumed_from_epoch, val_digest=data.val.digest,
             )
     store.put(f"{job.prefix}/registered.json", json.dumps(asdict(outcome)).encode())
     return outcome

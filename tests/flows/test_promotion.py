@@ -38,9 +38,9 @@ def _register(variant: str, val_acc: str | None, val_digest: str, seed: int = 0)
     return str(mv.version)
 
 
-def _candidate(version: str, val_acc: float, variant: str = "light") -> VariantResult:
-    return VariantResult(variant=variant, seed=0, recipe="fast", run_id=f"run-{version}",
-                         version=version, metrics={"val/acc": val_acc})
+def _candidate(version: str, val_acc: float, val_digest: str) -> VariantResult:
+    return VariantResult(variant="light", seed=0, recipe="fast", run_id=f"run-{version}",
+                         version=version, metrics={"val/acc": val_acc}, val_digest=val_digest)
 
 
 def _champion() -> str:
@@ -72,7 +72,7 @@ def test_worse_model_does_not_take_champion_and_better_one_does(
     registry.set_alias("champion", champion)
     worse = _register("light", "0.500000", digest, seed=1)
 
-    decision = _run_promote([_candidate(worse, 0.5)], small_data)
+    decision = _run_promote([_candidate(worse, 0.5, small_data.val.digest)], small_data)
     assert not decision.promoted
     assert decision.champion_version == champion
     assert decision.previous_acc == pytest.approx(0.9)
@@ -81,13 +81,13 @@ def test_worse_model_does_not_take_champion_and_better_one_does(
     assert _aliases() == {"champion": champion, "light": worse}
 
     better = _register("light", "0.950000", digest, seed=2)
-    decision = _run_promote([_candidate(better, 0.95)], small_data)
+    decision = _run_promote([_candidate(better, 0.95, small_data.val.digest)], small_data)
     assert decision.promoted
     assert decision.previous_version == champion
     assert _aliases() == {"champion": better, "light": better}
 
     # An equal accuracy is not an improvement: the incumbent keeps the alias.
-    assert not decide([_candidate("99", 0.95)], small_data).promoted
+    assert not decide([_candidate("99", 0.95, small_data.val.digest)], small_data).promoted
     assert _champion() == better
 
 
@@ -104,12 +104,12 @@ def test_champion_from_another_validation_split_is_rescored(
     step = 1 / len(small_data.val)
     assert rescored + step < 0.99  # an untrained network: the tag would win otherwise
 
-    same = decide([_candidate("2", rescored)], small_data)
+    same = decide([_candidate("2", rescored, small_data.val.digest)], small_data)
     assert not same.promoted
     assert same.champion_version == champion
     assert same.previous_acc == pytest.approx(rescored)
 
-    better = decide([_candidate("2", rescored + step)], small_data)
+    better = decide([_candidate("2", rescored + step, small_data.val.digest)], small_data)
     assert better.promoted
     assert better.champion_version == "2"
     assert better.previous_acc == pytest.approx(rescored)
@@ -132,7 +132,7 @@ def test_equal_accuracy_is_not_promoted_whatever_its_decimals(
             mv = register_version(job, small_data, result)
         versions.append(str(mv.version))
     registry.set_alias("champion", versions[0])
-    decision = decide([_candidate(versions[1], acc)], small_data)
+    decision = decide([_candidate(versions[1], acc, small_data.val.digest)], small_data)
     assert decision.previous_acc == acc
     assert not decision.promoted
 
@@ -142,7 +142,33 @@ def test_champion_without_recorded_accuracy_is_replaced(
 ) -> None:
     champion = _register("light", None, small_data.val.digest)
     registry.set_alias("champion", champion)
-    decision = decide([_candidate("2", 0.1)], small_data)
+    decision = decide([_candidate("2", 0.1, small_data.val.digest)], small_data)
     assert decision.promoted
     assert decision.previous_acc is not None and math.isnan(decision.previous_acc)
 
+
+
+def test_a_candidate_validated_on_other_images_is_rescored_on_these(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    # The candidate claims 0.99, measured on other images: a child that trained on other data.
+    candidate = _register("light", "0.990000", OTHER_DIGEST, seed=5)
+    torch.manual_seed(5)
+    labels, _ = predict(build_model("light"), small_data.val.images)
+    rescored = float((labels == small_data.val.labels).mean())
+    champion = _register("light", repr(rescored + 1 / len(small_data.val)),
+                         small_data.val.digest, seed=6)
+    registry.set_alias("champion", champion)
+    decision = decide([_candidate(candidate, 0.99, OTHER_DIGEST)], small_data)
+    assert decision.candidate_acc == pytest.approx(rescored)
+    assert not decision.promoted and decision.champion_version == champion
+
+
+def test_a_candidate_that_cannot_be_rescored_is_not_compared(
+    tracking: mlflow.MlflowClient, small_data: Dataset
+) -> None:
+    _register("light", "0.5", small_data.val.digest)
+    with pytest.raises(registry.RegistryError, match=r"version 77 was validated on other "
+                       r"images \(000000000000\) and cannot be re-scored on validation "
+                       f"{small_data.val.digest[:12]}.*has no version 77"):
+        decide([_candidate("77", 0.99, OTHER_DIGEST)], small_data)

@@ -16,7 +16,7 @@ DIGEST = "ab" * 32
 
 def candidate(version: str, val_acc: float, variant: str = "light") -> VariantResult:
     return VariantResult(variant=variant, seed=0, recipe="fast", run_id=f"run-{version}",
-                         version=version, metrics={"val/acc": val_acc})
+                         version=version, metrics={"val/acc": val_acc}, val_digest=DIGEST)
 
 
 def test_no_candidates_changes_nothing() -> None:
@@ -59,6 +59,14 @@ def test_a_candidate_that_already_is_champion_is_not_promoted_again() -> None:
     assert not decision.promoted
     assert decision.champion_version == "5"
     assert "already champion" in decision.reason
+
+
+def test_accuracies_measured_on_other_images_are_not_compared() -> None:
+    from dataclasses import replace
+
+    elsewhere = replace(candidate("6", 0.99), val_digest="cd" * 32)
+    with pytest.raises(ValueError, match="versions 6 were validated on other images"):
+        compare([candidate("5", 0.5), elsewhere], Champion("4", 0.8), DIGEST)
 
 
 def test_the_comparison_table_gives_mean_std_and_n_over_seeds() -> None:
