@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.scoring import (
+    CompetitionInput,
     competition_input,
     describe_result,
     encode_predictions,
@@ -53,7 +54,6 @@ class ScoreConfig(BaseModel):
 
 @flow(name="score-competition", log_prints=True)
 def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen default)
-    logger = get_run_logger()
     settings = Settings.from_env()
     settings.apply()
     if config.skip_without_input and not (config.input_uri or settings.competition_file):
@@ -62,6 +62,13 @@ def score(config: ScoreConfig = ScoreConfig()) -> dict:  # noqa: B008 (a frozen 
         return {"skipped": "no competition file is configured"}
     # A bad input or model URI fails here, before anything is written.
     scoring_input = read_competition_file(competition_input(config.input_uri, settings))
+    return score_input(config, scoring_input, settings)
+
+
+def score_input(config: ScoreConfig, scoring_input: CompetitionInput, settings: Settings) -> dict:
+    """The scoring of an input already read: the training flow reads its competition file
+    before it trains (a bad one fails then), and scores what it read."""
+    logger = get_run_logger()
     model = resolve_model(config.model_uri)
     store, root = open_location(config.output, settings.object_store)
     prefix = result_prefix(root, model, scoring_input.digest, config.tta)

@@ -17,7 +17,6 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import TrainResnetsConfig, data_config
-from model.data import read_competition_pickle
 from model.data.uri import redact
 from model.errors import UserError
 from model.stats import as_metrics, seed_statistics
@@ -42,10 +41,12 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
     config.training_configs()  # a bad combination is found now, not in a child
     run_key = config.run_key or str(get_run_context().flow_run.id)
     if config.score_after:
-        # A bad competition file is found now, not after hours of training.
-        from tasks.scoring import competition_input
+        # A bad competition file is found now, not after hours of training; what is read
+        # now is what is scored.
+        from tasks.scoring import competition_input, read_competition_file
 
-        read_competition_pickle(competition_input(config.competition_file, settings))
+        scoring_input = read_competition_file(
+            competition_input(config.competition_file, settings))
 
     with tracked_run(run_name=f"train-resnets {run_key[:8]}") as parent:
         mlflow.log_params({"flow." + k: redact(v) if isinstance(v, str) else v
@@ -89,9 +90,10 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         "champion_test_acc": champion.metrics.get("test/acc") if champion else None,
     }
     if config.score_after:
-        from flows.score import ScoreConfig, score
+        from flows.score import ScoreConfig, score_input
 
-        summary["score"] = score(ScoreConfig(input_uri=config.competition_file))
+        summary["score"] = score_input(ScoreConfig(input_uri=scoring_input.uri),
+                                       scoring_input, settings)
     logger.info("champion: version %s (%s)", decision.champion_version, decision.reason)
     if failed:
         # The survivors are registered and compared; the run still ends Failed, so the

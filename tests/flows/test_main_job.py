@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 
+import model.data.competition as competition_module
 from flows.cli import main
 from model.data import read_competition_pickle, write_competition_pickle
 from tasks.settings import REGISTERED_MODEL, Settings
@@ -18,18 +19,23 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 @pytest.mark.slow
 def test_run_smoke_ends_with_a_champion_and_predictions(
-    tmp_path: Path, parquet: Path, competition_sample: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, parquet: Path, competition_sample: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job = tmp_path / "job"  # nothing there yet: the embedded defaults start from scratch
     # The first 200 images of the sample: the same format, a fifth of the scoring time.
     ids, images = read_competition_pickle(competition_sample)
     competition = tmp_path / "competition-200.pkl"
     write_competition_pickle(competition, ids[:200], images[:200])
+    reads, restricted_loads = [], competition_module.restricted_loads
+    monkeypatch.setattr(competition_module, "restricted_loads",
+                        lambda data, what: reads.append(what) or restricted_loads(data, what))
     code = main(["--state-dir", str(job), "run", "--profile", "smoke", "--data", str(parquet),
                  "--competition-file", str(competition)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "profile smoke" in out
+    assert reads == [str(competition)]  # checked before training, scored without a reread
 
     Settings.from_env(job).apply()
     assert mlflow.get_tracking_uri() == f"sqlite:///{job / 'mlflow.db'}"
