@@ -74,6 +74,8 @@ def test_a_training_flow_logs_its_data_source_redacted(state, prefect_harness):
 def test_a_tracking_uri_with_a_password_is_shown_redacted(state, capsys, monkeypatch,
                                                           free_port):
     monkeypatch.setenv("CIFAR_TRACKING_TIMEOUT_SECONDS", "1")
+    for name in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):  # the command sets them
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:{SECRET}@127.0.0.1:{free_port()}")
     assert main(["--state-dir", str(state), "models"]) == 1
     err = capsys.readouterr().err
