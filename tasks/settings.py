@@ -180,18 +180,17 @@ def disk_error_message(exc: BaseException | None, where: Path | None = None) -> 
 
 
 def tracking_error_message(exc: BaseException | None) -> str | None:
-    """One line for a tracking call that failed on the network (MLflow wraps the requests
-    error, after its bounded retries), or None when that is not the cause."""
+    """One line for a tracking call that failed on the network after its bounded retries
+    (a requests error that MLflow wrapped), or None when that is not the cause."""
     import requests
 
     from model.data.uri import redact
 
     while exc is not None and not isinstance(exc, requests.RequestException):
         exc = exc.__cause__ or exc.__context__
-    if exc is None:
-        return None
-    uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
-    return (f"the MLflow tracking server {uri} did not answer a request within "
+    if exc is None or not (uri := os.environ.get("MLFLOW_TRACKING_URI")):
+        return None  # not a tracking server's failure
+    return (f"the MLflow tracking server {redact(uri)} did not answer a request within "
             f"MLFLOW_HTTP_REQUEST_TIMEOUT ({os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s) "
             f"and its retries ({type(exc).__name__}): check the server, then rerun")
 
@@ -212,19 +211,18 @@ def bypass_proxy_for_loopback(prefect: bool = False) -> None:
 
 
 def check_socks_support() -> None:
-    """Prefect's HTTP client builds a transport for each proxy variable when it starts, and
-    one for a SOCKS proxy needs the socksio package: without it, say so in one line."""
+    """Prefect's HTTP client builds a transport for each proxy variable as it starts; one
+    for a SOCKS proxy needs the socksio package: without it, say so in one line."""
     import importlib.util
 
     from model.config import ConfigError
     from model.data.uri import redact
 
-    for name in ("ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY"):
-        value = os.environ.get(name) or os.environ.get(name.lower()) or ""
+    for name in (n for b in ("ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY") for n in (b, b.lower())):
+        value = os.environ.get(name, "")
         if value.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
             raise ConfigError(f"{name}={redact(value)} is a SOCKS proxy, which Prefect reaches "
-                              "only with the socksio package: pip install 'httpx[socks]', or "
-                              f"unset {name}")
+                              f"only with socksio: pip install 'httpx[socks]', or unset {name}")
 
 
 def tracking_timeout() -> float:
