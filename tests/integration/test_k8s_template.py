@@ -1,16 +1,18 @@
-"""The Kubernetes material of infra/: the GPU work pool's base job template, the manifests
-of infra/k8s and the worker image's Dockerfile.
+"""The Kubernetes material of infra/: the work pools' base job template, the manifests of
+infra/k8s, the Kubernetes deployment file (infra/k8s/prefect.yaml), the Helm values of
+infra/helm and the worker image's Dockerfile.
 
-The template is rendered the way Prefect's Kubernetes worker renders it, with Prefect's own
-`BaseJobConfiguration.from_template_and_values` (variable defaults, then `apply_values`),
-against a real `prefect server` that has just accepted it through
-`prefect work-pool create --type kubernetes --base-job-template`. prefect-kubernetes is not
-a dependency of this project: the server knows the `kubernetes` pool type from the worker
-metadata that ships with Prefect, and the two things of prefect-kubernetes these tests rely
-on (its job configuration's fields, its required Job shape) are restated below.
+The template is rendered the way Prefect's Kubernetes worker renders it, against a real
+`prefect server` that has just accepted it through `prefect work-pool create --type
+kubernetes --base-job-template`: the first tests with Prefect's
+`BaseJobConfiguration.from_template_and_values` and the fields of prefect-kubernetes' job
+configuration restated below; the deployment tests with prefect-kubernetes' own
+`KubernetesWorkerJobConfiguration` (a dev dependency), through `prepare_for_flow_run`, into
+the very Job its worker submits, which `kubernetes-validate` then checks against
+Kubernetes' schemas, as it does every manifest.
 
-No Kubernetes cluster and no Docker engine are needed: manifests and Dockerfile are
-checked structurally.
+No Kubernetes cluster, Docker engine, Helm or network is needed: the Dockerfile is checked
+structurally, the Helm values against an excerpt of the charts' keys.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 TEMPLATE_PATH = K8S / "base-job-template.json"
+DEPLOYMENTS_FILE = K8S / "prefect.yaml"  # Prefect's deployment file, not a manifest
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 POOL = "k8s-gpu"
+CPU_POOL = "k8s-cpu"
+IMAGE = "registry.example.com/cifar-pipeline:3f9c2e1a7b4d"
 PREFECT = Path(sys.executable).with_name("prefect")
 SERVER_TIMEOUT = 90  # seconds; a fresh SQLite database is migrated first (~30 s on 2 CPUs)
 
@@ -153,7 +159,7 @@ def _no_placeholders(obj: Any) -> bool:
 @functools.cache
 def _parsed() -> dict[str, list[dict[str, Any]]]:
     docs = {}
-    for path in sorted(K8S.glob("*.y*ml")):
+    for path in sorted(set(K8S.glob("*.y*ml")) - {DEPLOYMENTS_FILE}):
         docs[path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     return docs
 
@@ -276,9 +282,9 @@ def test_sample_values_render_into_the_job_manifest(prefect_api: str) -> None:
     assert _no_placeholders(config.job_manifest)
 
 
-def test_defaults_render_without_values(prefect_api: str) -> None:
+def test_defaults_render_with_only_an_image(prefect_api: str) -> None:
     template = _template()
-    config = _render(prefect_api, template, {})
+    config = _render(prefect_api, template, {"image": IMAGE})
     pod = _pod_spec(config)
     (container,) = pod["containers"]
     defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
@@ -289,8 +295,12 @@ def test_defaults_render_without_values(prefect_api: str) -> None:
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert pod["nodeSelector"] == {}
-    assert container["image"] == defaults["image"] == "ghcr.io/example/cifar-pipeline:latest"
+    # No default image (a mutable tag would be one): the deployment names an immutable tag.
+    assert defaults["image"] is None and template["variables"]["required"] == ["image"]
+    assert container["image"] == IMAGE
+    # Every secret optional: with a role on the service account there are no static keys.
     assert container["envFrom"] == defaults["env_from_secrets"]
+    assert all(ref["secretRef"]["optional"] is True for ref in container["envFrom"])
     assert container["imagePullPolicy"] == "IfNotPresent"
     assert config.job_manifest["spec"]["ttlSecondsAfterFinished"] == 86400
     assert config.pod_watch_timeout_seconds == defaults["pod_watch_timeout_seconds"]
@@ -348,8 +358,9 @@ def test_init_container_creates_the_pool_capped_at_the_configured_gpus(
     limit = int(config["GPU_POOL_CONCURRENCY_LIMIT"])
     assert limit >= 1
 
-    deleted = httpx.delete(f"{prefect_api}/work_pools/{POOL}", timeout=30)
-    assert deleted.status_code == 204, deleted.text
+    for pool in (POOL, CPU_POOL):
+        deleted = httpx.delete(f"{prefect_api}/work_pools/{pool}", timeout=30)
+        assert deleted.status_code in (204, 404), deleted.text
     env = _prefect_env(prefect_home, prefect_api)
     env.update(PATH=f"{PREFECT.parent}{os.pathsep}{env.get('PATH', '')}",
                GPU_POOL_CONCURRENCY_LIMIT=str(limit))
@@ -361,6 +372,10 @@ def test_init_container_creates_the_pool_capped_at_the_configured_gpus(
     assert pool["type"] == "kubernetes"
     assert pool["base_job_template"] == _template()
     assert pool["concurrency_limit"] == limit
+    # The parents' pool: same template, no cap (a parent waits on its children).
+    cpu = httpx.get(f"{prefect_api}/work_pools/{CPU_POOL}", timeout=30).json()
+    assert (cpu["type"], cpu["concurrency_limit"]) == ("kubernetes", None)
+    assert cpu["base_job_template"] == _template()
 
 
 # ------------------------------------------------------------------------ the manifests
@@ -383,7 +398,7 @@ def test_kustomization_lists_the_manifests_and_the_template() -> None:
     resources = kustomization["resources"]
     # Every manifest but the Secrets' example, which must never carry real values into git.
     expected = {p.name for p in K8S.glob("*.yaml")} - {
-        "kustomization.yaml", "secrets.example.yaml"
+        "kustomization.yaml", "secrets.example.yaml", DEPLOYMENTS_FILE.name
     }
     assert set(resources) == expected
     (generated,) = kustomization["configMapGenerator"]
@@ -412,6 +427,19 @@ def test_worker_polls_the_k8s_pool_with_the_mounted_template() -> None:
     env_from = [e["configMapRef"]["name"] for e in container["envFrom"] if "configMapRef" in e]
     api_urls = [_one("ConfigMap", n)["data"].get("PREFECT_API_URL") for n in env_from]
     assert any(url and url.endswith("/api") for url in api_urls)
+
+    # One worker per pool, each with the same template; health ports apart (one network).
+    polled = {}
+    for worker_container in pod["containers"]:
+        worker_args = worker_container["args"]
+        polled[worker_args[worker_args.index("--pool") + 1]] = worker_container
+        assert worker_args[worker_args.index("--base-job-template") + 1] == template_path
+    assert set(polled) == {POOL, CPU_POOL}
+    ports = [p["containerPort"] for c in pod["containers"] for p in c["ports"]]
+    assert len(ports) == len(set(ports)) == 2
+    cpu_env = {e["name"]: e.get("value") for e in polled[CPU_POOL]["env"]}
+    assert int(cpu_env["PREFECT_WORKER_WEBSERVER_PORT"]) == polled[CPU_POOL]["ports"][0][
+        "containerPort"]
 
 
 def test_worker_may_create_jobs_and_watch_pods_in_its_namespace() -> None:
@@ -551,13 +579,45 @@ def _instructions() -> list[tuple[str, str]]:
     ]
 
 
+def _build_args() -> dict[str, str]:
+    """The Dockerfile's ARG defaults, by name."""
+    return dict(a.split("=", 1) for kind, a in _instructions() if kind == "ARG" and "=" in a)
+
+
+def _expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: _expand(args[m.group(1)], args), text)
+
+
+def _cuda_pair_matches(cuda_version: str, torch_cuda: str) -> bool:
+    """13.0.2 goes with cu130, 12.8.1 with cu128: the CUDA base and the wheel index agree."""
+    major, minor = cuda_version.split(".")[:2]
+    return torch_cuda == f"cu{major}{minor}"
+
+
+def test_dockerfile_cuda_flavour_is_one_consistent_pair_with_its_minimum_driver() -> None:
+    args = _build_args()
+    assert _cuda_pair_matches(args["CUDA_VERSION"], args["TORCH_CUDA"]), args
+    assert not _cuda_pair_matches("12.8.1", "cu130")  # the check can fail
+    text = DOCKERFILE.read_text()
+    # Every flavour the header offers names a consistent pair and the driver it needs.
+    rows = re.findall(r"^#\s+(\d+\.\d+\.\d+)\s+(cu\d+)\s+>= ([\d.]+)", text, re.MULTILINE)
+    assert (args["CUDA_VERSION"], args["TORCH_CUDA"]) in {(c, t) for c, t, _ in rows}
+    assert all(_cuda_pair_matches(c, t) for c, t, _ in rows) and len(rows) >= 2
+    # The Kubernetes deployments build the same kind of pair.
+    build = yaml.safe_load(DEPLOYMENTS_FILE.read_text())["build"]
+    (step,) = [s[k] for s in build for k in s if k.endswith("build_docker_image")]
+    assert set(step["buildargs"]) == {"CUDA_VERSION", "TORCH_CUDA"}
+    assert _cuda_pair_matches(step["buildargs"]["CUDA_VERSION"], step["buildargs"]["TORCH_CUDA"])
+
+
 def test_dockerfile_builds_a_non_root_cuda_image_of_the_project() -> None:
     instructions = _instructions()
-    kind, image = instructions[0]
-    assert kind == "FROM" and re.match(r"nvidia/cuda:|pytorch/pytorch:.*cuda", image), image
+    build_args = _build_args()
+    (image,) = [_expand(a, build_args) for kind, a in instructions if kind == "FROM"]
+    assert re.match(r"nvidia/cuda:|pytorch/pytorch:.*cuda", image), image
 
     runs = " ".join(args for kind, args in instructions if kind == "RUN")
-    assert "download.pytorch.org/whl/cu" in " ".join(a for _, a in instructions)
+    assert _expand(build_args["TORCH_INDEX_URL"], build_args).startswith("https://download.pytorch.org/whl/cu")
     assert re.search(r"pip install[^&]*\s\.(\s|$)", runs), "the project is not pip-installed"
     # torch.compile on the GPU: Triton builds its launcher with a C compiler and Python.h.
     apt = re.search(r"apt-get install ([^&]*)", runs)
@@ -583,3 +643,378 @@ def test_dockerfile_builds_a_non_root_cuda_image_of_the_project() -> None:
     assert cmd[:3] == ["prefect", "worker", "start"]
     assert cmd[cmd.index("--pool") + 1] == "gpu"
     assert cmd[cmd.index("--type") + 1] == "process"
+
+
+# ------------------------------------------- the Kubernetes deployments (infra/k8s/prefect.yaml)
+
+# What a user exports before deploying (infra/README.md), and what the build steps return.
+DEPLOY_ENV = {
+    "CIFAR_IMAGE_REPOSITORY": "registry.example.com/cifar-pipeline",
+    "CIFAR10_SOURCE": "s3://cifar-pipeline/data/train.parquet",
+    "CIFAR_COMPETITION_FILE": "s3://cifar-pipeline/data/cifar_test_nolabel.pkl",
+    "PREFECT_UI_URL": "https://prefect.example.com",
+}
+STEP_OUTPUTS = {
+    "commit": {"stdout": "3f9c2e1a7b4d", "stderr": ""},
+    "build-image": {"image_name": DEPLOY_ENV["CIFAR_IMAGE_REPOSITORY"], "tag": "3f9c2e1a7b4d",
+                    "image": IMAGE},
+}
+# The oldest minor version in EKS's and GKE's standard support when this was written; the
+# manifests use nothing newer.
+K8S_VERSION = "1.31.0"
+
+
+def _deploy_file(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _k8s_deployments(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    """infra/k8s/prefect.yaml's deployments, templated as `prefect deploy` templates them:
+    `{{ $VAR }}` from the environment, then the build steps' outputs."""
+    from prefect.utilities.templating import apply_values
+
+    for key, value in DEPLOY_ENV.items():
+        monkeypatch.setenv(key, value)
+    deployments = {}
+    for deployment in _deploy_file(DEPLOYMENTS_FILE)["deployments"]:
+        deployment = apply_values(deployment, dict(os.environ), remove_notset=False)
+        triggers = deployment.pop("triggers", None)  # event templates stay for run time
+        deployment = apply_values(deployment, STEP_OUTPUTS)
+        deployments[deployment["name"]] = {**deployment, "triggers": triggers}
+    return deployments
+
+
+async def _rendered_job(api_url: str, pool: str, job_variables: dict[str, Any]):
+    """The Job that prefect-kubernetes' worker submits for a flow run of a deployment with
+    these job variables, through its own job configuration class."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    async with get_client() as client:
+        work_pool = await client.read_work_pool(pool)
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            work_pool.base_job_template, job_variables, client=client
+        )
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="zippy-stoat"),
+                                work_pool=work_pool, worker_name="k8s-worker")
+    return config
+
+
+def test_every_flow_has_a_kubernetes_deployment_named_as_on_the_process_pools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    k8s = _k8s_deployments(monkeypatch)
+    local = {d["name"]: d for d in _deploy_file(REPO / "prefect.yaml")["deployments"]}
+    # Same names and flows: the parent's child deployment, the alerts and the UI find them
+    # whichever file was deployed last.
+    assert set(k8s) == set(local) == {
+        "train-resnets", "prepare-data", "train-variant", "score-competition"}
+    pools = {name: d["work_pool"]["name"] for name, d in k8s.items()}
+    assert pools == {"train-resnets": CPU_POOL, "prepare-data": CPU_POOL,
+                     "train-variant": POOL, "score-competition": POOL}
+    for name, deployment in k8s.items():
+        assert deployment["entrypoint"] == local[name]["entrypoint"]
+        assert deployment.get("parameters") == local[name].get("parameters")
+        assert deployment.get("schedules") == local[name].get("schedules")
+        assert deployment["triggers"] == local[name].get("triggers")
+        variables = deployment["work_pool"]["job_variables"]
+        assert variables["image"] == IMAGE  # the commit's tag, from the build step
+        assert variables["gpu_count"] == (1 if pools[name] == POOL else 0)
+        env = variables["env"]
+        for key in ("CIFAR10_SOURCE", "CIFAR_COMPETITION_FILE", "PREFECT_UI_URL"):
+            assert env[key] == DEPLOY_ENV[key], (name, key)
+    child = k8s["train-resnets"]["parameters"]["config"]
+    assert child["dispatch"] == "pool"
+
+
+def test_build_steps_tag_the_image_with_the_commit_and_push_that_tag() -> None:
+    import inspect
+
+    from prefect_docker.deployments.steps import build_docker_image, push_docker_image
+
+    spec = _deploy_file(DEPLOYMENTS_FILE)
+    (commit, build), (push,) = (
+        [next(iter(s.values())) for s in spec["build"]],
+        [next(iter(s.values())) for s in spec["push"]],
+    )
+    assert commit["id"] == "commit" and build["id"] == "build-image"
+    assert build["tag"] == "{{ commit.stdout }}"
+    assert (push["image_name"], push["tag"]) == (
+        "{{ build-image.image_name }}", "{{ build-image.tag }}")
+    assert (REPO / build["dockerfile"]) == DOCKERFILE
+    # The arguments are the steps' own (prefect-docker's signatures), not typos.
+    for function, step in ((build_docker_image, build), (push_docker_image, push)):
+        kwargs = {k: v for k, v in step.items() if k not in ("id", "requires")}
+        inspect.signature(function).bind(**kwargs)
+    # Every deployment runs the pushed tag, none a mutable default.
+    for deployment in spec["deployments"]:
+        assert deployment["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+
+
+def _commit_step() -> dict[str, Any]:
+    (step,) = [s["prefect.deployments.steps.run_shell_script"]
+               for s in _deploy_file(DEPLOYMENTS_FILE)["build"]
+               if "prefect.deployments.steps.run_shell_script" in s]
+    return {k: v for k, v in step.items() if k not in ("id", "requires")}
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A one-commit git repository with the image's sources."""
+    for name in ("pyproject.toml", "README.md", "model/a.py", "tasks/a.py", "flows/a.py",
+                 "infra/Dockerfile"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run([*git, *cmd], cwd=tmp_path, check=True)
+    return tmp_path
+
+
+def test_commit_step_prints_the_commit_of_a_clean_tree(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.deployments.steps.utility import run_shell_script
+
+    for key, value in DEPLOY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(checkout)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=checkout,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert asyncio.run(run_shell_script(**_commit_step()))["stdout"] == head
+
+    # An empty competition file is allowed (nothing to score); an unset one is not.
+    monkeypatch.setenv("CIFAR_COMPETITION_FILE", "")
+    assert asyncio.run(run_shell_script(**_commit_step()))["stdout"] == head
+    monkeypatch.delenv("CIFAR_COMPETITION_FILE")
+    with pytest.raises(RuntimeError, match="CIFAR_COMPETITION_FILE is not set"):
+        asyncio.run(run_shell_script(**_commit_step()))
+
+
+@pytest.mark.parametrize("change", ["edit", "untracked"])
+def test_commit_step_refuses_a_tree_the_tag_would_misname(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    from prefect.deployments.steps.utility import run_shell_script
+
+    for key, value in DEPLOY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(checkout)
+    target = checkout / "model" / ("a.py" if change == "edit" else "b.py")
+    target.write_text("y\n")
+    with pytest.raises(RuntimeError, match="uncommitted changes in the image's sources"):
+        asyncio.run(run_shell_script(**_commit_step()))
+
+
+def test_commit_step_refuses_an_unset_image_repository(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.deployments.steps.utility import run_shell_script
+
+    for key, value in DEPLOY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CIFAR_IMAGE_REPOSITORY")
+    monkeypatch.chdir(checkout)
+    with pytest.raises(RuntimeError, match="CIFAR_IMAGE_REPOSITORY is not set"):
+        asyncio.run(run_shell_script(**_commit_step()))
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _without_worker_quirk(job: dict[str, Any]) -> dict[str, Any]:
+    """The Job less what prefect-kubernetes requires in the wrong place: `parallelism` and
+    `completions` in the pod spec (its _validate_job_manifest insists on them there, see
+    REQUIRED_JOB_SHAPE). The API server drops unknown fields of a client that asks for no
+    strict field validation, as the worker's client does; anything else unknown fails."""
+    job = copy.deepcopy(job)
+    pod = job["spec"]["template"]["spec"]
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    return job
+
+
+def test_every_deployment_renders_a_job_valid_for_kubernetes(
+    prefect_api: str, created_pool: WorkPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each deployment's job variables, through prefect-kubernetes' own job configuration,
+    into the Job its worker would create; the Job checked against Kubernetes' schema."""
+    httpx.post(f"{prefect_api}/work_pools/", timeout=30, json={
+        "name": CPU_POOL, "type": "kubernetes", "base_job_template": _template()})
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        for name, deployment in _k8s_deployments(monkeypatch).items():
+            pool = deployment["work_pool"]["name"]
+            config = asyncio.run(
+                _rendered_job(prefect_api, pool, deployment["work_pool"]["job_variables"]))
+            job = config.job_manifest
+            _validate(_without_worker_quirk(job))
+            assert _no_placeholders(job), name
+            pod = job["spec"]["template"]["spec"]
+            (container,) = pod["containers"]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert container["image"] == IMAGE
+            assert pod["serviceAccountName"] == "cifar-jobs"
+            assert env["CIFAR10_SOURCE"] == DEPLOY_ENV["CIFAR10_SOURCE"]
+            assert env["CIFAR_COMPETITION_FILE"] == DEPLOY_ENV["CIFAR_COMPETITION_FILE"]
+            assert env["PREFECT_UI_URL"] == DEPLOY_ENV["PREFECT_UI_URL"]
+            assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"  # the template's, kept
+            assert env["PREFECT__FLOW_RUN_ID"]  # the worker's own, added
+            gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+            if pool == POOL:
+                assert gpus == 1 and pod["tolerations"][0]["key"] == "nvidia.com/gpu", name
+            else:
+                # No GPU, not even through the NVIDIA runtime, and off the GPU nodes.
+                assert gpus == 0 and pod["tolerations"] == [], name
+                assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_server_refuses_a_flow_run_without_an_image(
+    prefect_api: str, created_pool: WorkPool
+) -> None:
+    """`image` is required and has no default: a run of a deployment that names none is
+    refused when it is created, not left as a pod with no image."""
+    async def run() -> None:
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("image-check")
+            with_image = await client.create_deployment(
+                flow_id=flow_id, name="with-image", work_pool_name=POOL,
+                job_variables={"image": IMAGE})
+            await client.create_flow_run_from_deployment(with_image)
+            without = await client.create_deployment(
+                flow_id=flow_id, name="without-image", work_pool_name=POOL,
+                job_variables={"gpu_count": 1})
+            with pytest.raises(Exception, match="image"):
+                await client.create_flow_run_from_deployment(without)
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        asyncio.run(run())
+
+
+def test_every_manifest_is_valid_for_kubernetes() -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None, "this test builds infra/k8s with kubectl kustomize"
+    proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert len(built) >= 10
+    for obj in [*built, *_docs()["secrets.example.yaml"]]:
+        _validate(obj)
+    # The check can fail: a misspelt field is refused.
+    import kubernetes_validate
+
+    broken = next(d for d in built if d["kind"] == "Deployment")
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(broken)
+
+
+# ------------------------------------------------------------------ the Helm values files
+
+HELM = REPO / "infra" / "helm"
+# The keys these files may set, from the charts of https://prefecthq.github.io/prefect-helm:
+# prefect-worker releases after 2025.3.7033449 (its UPGRADING.md: `selfHostedServer`,
+# `selfHostedServerApiConfig`) and prefect-server 2025/2026 releases, as their values.yaml
+# and values.schema.json define them. Both schemas close `worker`, `worker.config`,
+# `worker.config.baseJobTemplate`, `server` and `global.prefect` (additionalProperties:
+# false), so Helm itself refuses a misspelt key there. No network here: this list is an
+# excerpt of those files, not the charts themselves. A key ending in `[]` takes a list of
+# Kubernetes objects, one ending in `{}` a free-form mapping.
+CHART_KEYS = {
+    "prefect-worker": {
+        "fullnameOverride", "nameOverride", "namespaceOverride",
+        "serviceAccount.create", "serviceAccount.name", "serviceAccount.annotations{}",
+        "role.create", "role.extraPermissions[]", "rolebinding.create",
+        "worker.apiConfig", "worker.clusterUid", "worker.replicaCount",
+        "worker.selfHostedServerApiConfig.apiUrl",
+        "worker.selfHostedServerApiConfig.basicAuth.enabled",
+        "worker.selfHostedServerApiConfig.basicAuth.existingSecret",
+        "worker.image.repository", "worker.image.prefectTag", "worker.image.pullPolicy",
+        "worker.config.workPool", "worker.config.workQueues[]", "worker.config.type",
+        "worker.config.installPolicy", "worker.config.limit", "worker.config.name",
+        "worker.config.queryInterval", "worker.config.prefetchSeconds", "worker.config.http2",
+        "worker.config.baseJobTemplate.configuration",
+        "worker.config.baseJobTemplate.existingConfigMapName",
+        "worker.extraEnvVars[]", "worker.extraEnvVarsSecrets[]", "worker.extraEnvVarsCMs[]",
+        "worker.livenessProbe.enabled", "worker.resources.requests{}",
+        "worker.resources.limits{}", "worker.nodeSelector{}", "worker.tolerations[]",
+    },
+    "prefect-server": {
+        "fullnameOverride", "namespaceOverride",
+        "global.prefect.image.repository", "global.prefect.image.prefectTag",
+        "global.prefect.image.pullPolicy", "global.prefect.env[]",
+        "server.uiConfig.prefectUiApiUrl", "server.env[]", "server.replicaCount",
+        "server.basicAuth.enabled", "server.basicAuth.existingSecret",
+        "server.resources.requests{}", "server.resources.limits{}",
+        "service.type", "service.port", "ingress.enabled", "ingress.className",
+        "ingress.host.hostname", "ingress.annotations{}", "ingress.tls",
+        "secret.create", "secret.name",
+        "postgresql.enabled", "postgresql.auth.enablePostgresUser", "postgresql.auth.username",
+        "postgresql.auth.database", "postgresql.auth.password",
+        "postgresql.primary.persistence.enabled",
+    },
+}
+HELM_FILES = {
+    "prefect-server.yaml": "prefect-server",
+    "prefect-worker-gpu.yaml": "prefect-worker",
+    "prefect-worker-cpu.yaml": "prefect-worker",
+}
+
+
+def _unknown_keys(values: dict[str, Any], allowed: set[str], prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if f"{path}[]" in allowed:
+            assert isinstance(value, list), path
+        elif f"{path}{{}}" in allowed:
+            assert isinstance(value, dict), path
+        elif isinstance(value, dict):
+            unknown += _unknown_keys(value, allowed, f"{path}.")
+        elif path not in allowed:
+            unknown.append(path)
+    return unknown
+
+
+def test_helm_values_name_only_keys_the_charts_define() -> None:
+    assert {p.name for p in HELM.glob("*.yaml")} == set(HELM_FILES)
+    for name, chart in HELM_FILES.items():
+        values = yaml.safe_load((HELM / name).read_text())
+        assert _unknown_keys(values, CHART_KEYS[chart]) == [], name
+    # The check can fail.
+    assert _unknown_keys({"worker": {"config": {"workpool": "x"}}},
+                         CHART_KEYS["prefect-worker"]) == ["worker.config.workpool"]
+
+
+def test_helm_values_match_the_manifests() -> None:
+    """The chart path and the manifest path set up the same pools, server and versions."""
+    manifest = _one("Deployment", "prefect-worker")["spec"]["template"]["spec"]
+    by_pool = {c["args"][c["args"].index("--pool") + 1]: c for c in manifest["containers"]}
+    api_url = _one("ConfigMap", "prefect-worker-config")["data"]["PREFECT_API_URL"]
+    for pool in (POOL, CPU_POOL):
+        values = yaml.safe_load((HELM / f"prefect-worker-{pool.split('-')[1]}.yaml").read_text())
+        worker = values["worker"]
+        assert worker["config"]["workPool"] == pool
+        assert worker["config"]["type"] == "kubernetes"
+        assert worker["apiConfig"] == "selfHostedServer"
+        assert worker["selfHostedServerApiConfig"]["apiUrl"] == api_url
+        image = by_pool[pool]["image"]
+        assert image.endswith(":" + worker["image"]["prefectTag"])
+        extra = {e["name"]: e for e in worker["extraEnvVars"]}
+        observer = "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"
+        assert extra[observer]["valueFrom"] == {e["name"]: e for e in by_pool[pool]["env"]}[
+            observer]["valueFrom"]
+    server = yaml.safe_load((HELM / "prefect-server.yaml").read_text())
+    # The server chart's release `prefect-server` in namespace `prefect` is what the workers
+    # call; its Prefect version is theirs (the server image lacks only -kubernetes).
+    assert api_url.startswith("http://prefect-server.prefect.svc.cluster.local:4200/")
+    assert f"{server['global']['prefect']['image']['prefectTag']}-kubernetes" == (
+        manifest["containers"][0]["image"].split(":")[1])
+    env = {e["name"]: e["value"] for e in server["global"]["prefect"]["env"]}
+    ui = env["PREFECT_UI_URL"]
+    assert server["server"]["uiConfig"]["prefectUiApiUrl"] == f"{ui}/api"
+    assert server["postgresql"]["enabled"] is True
+    assert server["postgresql"]["primary"]["persistence"]["enabled"] is True
+    assert server["postgresql"]["auth"]["password"] == "CHANGE-ME"  # set at install
