@@ -15,7 +15,7 @@ cluster the same variables point at shared services instead.
 | CIFAR_COMPETITION_FILE | none | default input of the scoring flow |
 | CIFAR_METRICS_FLUSH_SECONDS | 300 | how long a finished run waits for MLflow to take its metrics |
 | MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING | true | CPU, memory and GPU use of each training run |
-| CIFAR_TRACKING_TIMEOUT_SECONDS | 30 | how long a start waits for a tracking server to answer |
+| CIFAR_TRACKING_TIMEOUT_SECONDS | 30 | the wait for a tracking server; bounds every MLflow call |
 | CIFAR_MIN_FREE_MB | 256 | free space the state directory needs before a command starts |
 """
 
