@@ -8,6 +8,7 @@ GPUs are visible), or as child flow runs on the GPU work pool (tasks/dispatch.py
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import mlflow
@@ -106,16 +107,21 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
 def _run_here(jobs: list[VariantJob], data, settings):
     """In this process, through the task runner: one job at a time on each device, the
     devices side by side (one chain of jobs per GPU). A failed job does not stop the next
-    one on its device."""
+    one on its device; an interrupt (Ctrl-C, SIGTERM) stops them all at their next batch."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    futures, last_on = {}, {}
+    futures, last_on, stop = {}, {}, threading.Event()
     for job in _place_on_devices(jobs, gpus):
         device = job.training.device if gpus > 1 else "the one device"
         previous = last_on.get(device)
         futures[job.name] = fit_and_register.submit(
-            job, data, settings, wait_for=[allow_failure(previous)] if previous else None)
+            job, data, settings, stop.is_set,
+            wait_for=[allow_failure(previous)] if previous else None)
         last_on[device] = futures[job.name]
-    outcomes = {name: _outcome(future.result) for name, future in futures.items()}
+    try:
+        outcomes = {name: _outcome(future.result) for name, future in futures.items()}
+    except BaseException:  # this thread was interrupted: the jobs' threads end too
+        stop.set()
+        raise
     results = [r for r in outcomes.values() if isinstance(r, VariantResult)]
     failed = {n: f"{type(r).__name__}: {r}" for n, r in outcomes.items()
               if not isinstance(r, VariantResult)}

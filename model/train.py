@@ -45,6 +45,11 @@ class NonFiniteLossError(RuntimeError):
     """The training or validation loss became NaN or infinite; the run cannot continue."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """`should_stop()` asked `fit` to stop. An interrupt, not a failure: callers record the
+    run as stopped (killed), and a rerun resumes from the last checkpoint."""
+
+
 @dataclass
 class FitResult:
     model: nn.Module  # the trained network (its weight average with `ema`), uncompiled, eval
@@ -70,6 +75,7 @@ class _Step:
     ema: WeightEMA | None
     bf16: bool
     compiled: bool
+    should_stop: Callable[[], bool]
 
 
 def fit(
@@ -78,6 +84,7 @@ def fit(
     on_epoch_end: EpochHook | None = None,
     checkpoint_dir: str | Path | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train `config.variant` with `config.recipe` on `data.train`, validating on `data.val`.
 
@@ -85,6 +92,7 @@ def fit(
     thread, at most every `config.checkpoint_seconds` and after the last epoch, then handed
     to `on_checkpoint(path)` (an upload) on that thread; a checkpoint already there is
     resumed from (it must match `config.hash()`). `on_epoch_end` gets each epoch's metrics.
+    `should_stop()` is asked before every batch; once it is true, fit raises TrainingStopped.
     """
     if len(data.train) == 0:
         raise ValueError("the training split is empty")
@@ -123,7 +131,7 @@ def fit(
         step_model, compile_seconds, fell_back = compile_step(
             model, criterion, _warmup_batches(loader), device, bf16, config.compile_mode)
     step = _Step(step_model, criterion, optimizer, scheduler, per_step, ema, bf16,
-                 compiled=step_model is not model)
+                 compiled=step_model is not model, should_stop=should_stop or (lambda: False))
     # What is validated, scored and returned: the averaged weights when there are some.
     # Evaluation runs eager: a few forward passes per epoch, not worth a second compiled
     # graph (eval-mode batch norm, other batch sizes) and its compile time.
@@ -198,6 +206,8 @@ def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torc
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, last_report = 0, time.perf_counter()
     for i, (x, y) in enumerate(loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
+        if s.should_stop():  # host-side: costs no device sync
+            raise TrainingStopped(f"stopped in epoch {epoch + 1}, before batch {i + 1}")
         if s.compiled:
             # A new step for CUDA graphs (reduce-overhead): the last step's outputs,
             # already consumed below, may be overwritten. Host-side only.

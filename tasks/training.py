@@ -14,6 +14,7 @@ import os
 import platform
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ class VariantResult:
 
 
 @task(name="fit-and-register", cache_policy=NONE, persist_result=False)
-def fit_and_register(job: VariantJob, data: Dataset, settings: Settings) -> VariantResult:
+def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
+                     should_stop: Callable[[], bool] | None = None) -> VariantResult:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
@@ -124,7 +126,8 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings) -> Vari
             try:
                 # Checkpoints are written and uploaded on fit's background thread.
                 result = fit(job.training, data, on_epoch_end=progress, checkpoint_dir=ckpt_dir,
-                             on_checkpoint=lambda path: store.put_file(key, path))
+                             on_checkpoint=lambda path: store.put_file(key, path),
+                             should_stop=should_stop)
             except BaseException:
                 sink.close(timeout=10)  # deliver what it can; the failure is the news
                 raise

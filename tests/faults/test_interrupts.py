@@ -171,7 +171,7 @@ def _check(state: Path, command: Command, children: list, elapsed: float, before
 
     # What there was to stop: the Prefect server and the DataLoader workers.
     names = " ".join(command.child_cmdlines)
-    assert "uvicorn" in names and len(children) >= 2, names
+    assert "prefect server start" in names and len(children) >= 2, names
     survivors = [p for p in children if _alive(p)]
     assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
 
