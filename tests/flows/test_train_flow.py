@@ -162,7 +162,8 @@ def test_the_parent_run_summarises_the_seeds(
         assert f"seeds/{variant}/val/acc/std" not in metrics  # one seed has no spread
     # One seed per variant: no interval, anywhere.
     assert not any(key.startswith("deep_minus_light/") for key in metrics)
-    assert trained["seed_stats"]["deep_minus_light"] == {"val/acc": None}
+    gaps = trained["seed_stats"]["deep_minus_light"]
+    assert "val/acc" in gaps and set(gaps.values()) == {None}
 
 
 def test_records_the_dataset_inputs(
