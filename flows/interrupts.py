@@ -236,6 +236,7 @@ def start_prefect_server(state: Path) -> psutil.Popen:
         _wait_until_healthy(server, url, float(
             os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120))
     os.environ["PREFECT_API_URL"] = url
+    os.environ.setdefault("PREFECT_UI_URL", "")  # no links to pages gone after the command
     return server
 
 

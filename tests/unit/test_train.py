@@ -15,7 +15,7 @@ from model.config import RECIPE_DEFAULTS, ConfigError, TrainConfig
 from model.nets import ModifiedResNet, count_parameters
 from model.optim import EMA_WARMUP, WarmupLinearDecay, WeightEMA
 from model.predict import evaluate, to_device_images
-from model.train import NonFiniteLossError, fit
+from model.train import NonFiniteLossError, TrainingStopped, fit
 
 DESIGN_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_seconds",
                "images_per_second", "epoch", "train_seconds", "eval_seconds"}
@@ -195,6 +195,20 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_weights(recipe, ema, tin
         assert all(torch.equal(ea[k], eb[k]) for k in ea)
     else:
         assert sa["ema"] is None and sb["ema"] is None
+
+
+def test_should_stop_ends_fit_before_the_next_batch_as_an_interrupt(tiny, tmp_path):
+    asked = []
+
+    def stop_in_the_second_epoch() -> bool:
+        asked.append(len(asked))
+        return len(asked) == 3  # two batches an epoch: before the second epoch's first
+
+    with pytest.raises(TrainingStopped) as info:
+        fit(cpu_config("fast", epochs=2), tiny, checkpoint_dir=tmp_path,
+            should_stop=stop_in_the_second_epoch)
+    assert len(asked) == 3 and isinstance(info.value, KeyboardInterrupt)  # not a failure
+    assert checkpoint.load(tmp_path / checkpoint.CHECKPOINT_NAME)["epoch"] == 0  # resumable
 
 
 def test_with_ema_the_average_is_validated_and_returned(tiny, tmp_path):
