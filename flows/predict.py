@@ -85,14 +85,16 @@ def classify(inputs: Inputs, model_uri: str, *, tta: bool, device: str) -> dict:
     """Predictions for `inputs` with the registered model at `model_uri`, as the JSON
     document `--json` prints."""
     from model.data import CLASSES
-    from model.predict import predict, resolve_device
+    from model.predict import resolve_device
     from tasks import registry
+    from tasks.progress import predict_with_bar
     from tasks.settings import Settings
 
     Settings.from_env().apply()  # the tracking store of --state-dir or the environment
     resolved = resolve_device(device)
     loaded = registry.load(model_uri, device=resolved)
-    labels, probabilities = predict(loaded.network, inputs.array(), tta=tta, device=resolved)
+    labels, probabilities = predict_with_bar(loaded.network, inputs.array(), "predicting",
+                                             tta=tta, device=resolved)
     rows = [{"file": name, "class": CLASSES[label], "label": int(label),
              "confidence": float(p[label]),
              "probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, p, strict=True)}}
@@ -132,7 +134,10 @@ def run(paths: Sequence[str], model_uri: str, *, tta: bool, device: str, as_json
         print(f"error: none of the {len(paths)} input(s) could be read; nothing to classify",
               file=err)
         return 1
-    result = classify(inputs, model_uri, tta=tta, device=device)
+    from tasks.progress import terminal_bars
+
+    with terminal_bars():  # on stderr, a terminal only: --json and pipes see none
+        result = classify(inputs, model_uri, tta=tta, device=device)
     print(json.dumps(result, indent=2) if as_json else table(result), file=out)
     if inputs.failures:
         print(f"error: {len(inputs.failures)} input(s) failed, {len(inputs.names)} image(s) "

@@ -22,6 +22,7 @@ from model.data.uri import redact
 from model.errors import UserError
 from model.stats import as_metrics, seed_statistics
 from tasks.data import load_data, log_dataset, source_uri
+from tasks.progress import Tracker
 from tasks.promote import Promotion, promote
 from tasks.settings import Settings
 from tasks.tracking import tracked_run
@@ -34,7 +35,16 @@ class JobsFailedError(UserError, RuntimeError):
     resumable = True
 
 
-@flow(name="train-resnets", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+def _run_name() -> str:
+    """`train-resnets <run key>`, the key the UI and the logs know the run by."""
+    from prefect.runtime import flow_run
+
+    config = TrainResnetsConfig.model_validate(flow_run.parameters.get("config", {}))
+    return f"train-resnets {config.run_key or flow_run.id}"
+
+
+@flow(name="train-resnets", flow_run_name=_run_name, log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=8))
 def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B008 (frozen)
     logger = get_run_logger()
     settings = Settings.from_env()
@@ -117,8 +127,11 @@ def _run_here(jobs: list[VariantJob], data, settings):
             job, data, settings, stop.is_set,
             wait_for=[allow_failure(previous)] if previous else None)
         last_on[device] = futures[job.name]
+    progress, outcomes = Tracker("jobs done", len(futures), key="jobs"), {}
     try:
-        outcomes = {name: _outcome(future.result) for name, future in futures.items()}
+        for name, future in futures.items():  # in the order they were queued
+            outcomes[name] = _outcome(future.result)
+            progress.update(len(outcomes))
     except BaseException:  # this thread was interrupted: the jobs' threads end too
         stop.set()
         raise

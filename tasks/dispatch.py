@@ -19,6 +19,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Scheduled
 
 from model.errors import UserError
+from tasks.progress import Tracker
 from tasks.settings import Settings
 from tasks.storage import open_store
 from tasks.training import VariantJob, VariantResult, read_result
@@ -95,7 +96,7 @@ def _wait(client, children, pool: str, options: PoolOptions, logger) -> dict:
     children that queue behind their siblings (the pool's concurrency limit: more jobs
     than GPUs) wait as long as the siblings make progress."""
     started_at = progress_at = time.monotonic()
-    states, running = {}, set()
+    states, running, progress = {}, set(), Tracker("jobs done", len(children), key="jobs")
     while len(states) < len(children):
         for name, (_, run_id) in children.items():
             if name in states:
@@ -106,6 +107,7 @@ def _wait(client, children, pool: str, options: PoolOptions, logger) -> dict:
                 running.discard(name)
                 progress_at = time.monotonic()
                 logger.info("%s ended %s", name, state.type.value)
+                progress.update(len(states))
             elif state is not None and state.type not in NOT_STARTED:
                 running.add(name)
             else:

@@ -1,27 +1,18 @@
-"""Figures logged with every training run: the report's curves and a confusion matrix."""
+"""Figures logged with every training run: the report's curves and a confusion matrix.
+Built as matplotlib Figures (no pyplot state, no display) for `mlflow.log_figure`."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def curves_png(history: list[dict[str, float]], title: str) -> bytes:
+def curves(history: list[dict[str, float]], title: str) -> Figure:
     """Loss and accuracy per epoch, training against validation (the report's Figures 2-5)."""
-    plt = _pyplot()
     epochs = [int(h["epoch"]) + 1 for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+    fig = Figure(figsize=(10, 4), layout="tight")
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss", "accuracy"),
+                              strict=True):
         ax.plot(epochs, [h[f"train/{key}"] for h in history], label="train", marker=".")
         ax.plot(epochs, [h[f"val/{key}"] for h in history], label="validation", marker=".")
         ax.set_xlabel("epoch")
@@ -29,8 +20,7 @@ def curves_png(history: list[dict[str, float]], title: str) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    return _to_png(plt, fig)
+    return fig
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 10) -> np.ndarray:
@@ -40,9 +30,9 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 1
     return matrix
 
 
-def confusion_png(matrix: np.ndarray, class_names: tuple[str, ...], title: str) -> bytes:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
+def confusion(matrix: np.ndarray, class_names: tuple[str, ...], title: str) -> Figure:
+    fig = Figure(figsize=(7, 6), layout="tight")
+    ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -54,12 +44,4 @@ def confusion_png(matrix: np.ndarray, class_names: tuple[str, ...], title: str) 
                 color="white" if count > threshold else "black")
     fig.colorbar(image, ax=ax)
     ax.set_title(title)
-    fig.tight_layout()
-    return _to_png(plt, fig)
-
-
-def _to_png(plt, fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig

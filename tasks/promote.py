@@ -7,10 +7,10 @@ reads the champion from the registry for it, and `promote` writes the outcome ba
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass, replace
 
+from mlflow import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -19,8 +19,9 @@ from model.checkpoint import CheckpointError
 from model.data import Dataset
 from model.predict import predict
 from model.stats import fmt, seed_statistics, spread, verdict
-from tasks import plots, registry
+from tasks import registry
 from tasks.settings import CHAMPION_URI, REGISTERED_MODEL, Settings
+from tasks.tracking import run_links
 from tasks.training import VariantResult
 
 PROMOTED_EVENT = "cifar10-resnet.champion.promoted"
@@ -167,13 +168,15 @@ def publish(results: list[VariantResult], decision: Promotion) -> None:
         f"Variants compared over seeds.{gap} {decision.reason}; chosen on validation "
         "accuracy, which therefore reads high for the champion; test accuracy, where shown, "
         "took no part."))
-    parts = [f"# Training curves\n\n{decision.reason}.\n"]
+    # The curves are MLflow artifacts: the page links them, it does not copy them.
+    client = MlflowClient()
+    lines = [f"{decision.reason}.\n", "| job | version | val acc | MLflow run | curves |",
+             "|---|---|---|---|---|"]
     for r in results:
-        png = plots.curves_png(r.history, f"{r.variant} seed {r.seed}, version {r.version}")
-        parts.append(f"## {r.variant}, seed {r.seed} (version {r.version}, MLflow run "
-                     f"`{r.run_id}`)\n\n![curves](data:image/png;base64,"
-                     f"{base64.b64encode(png).decode()})\n")
-    create_markdown_artifact(key="training-curves", markdown="\n".join(parts))
+        run_page, curves = run_links(client.get_run(r.run_id).info, "curves.png")
+        lines.append(f"| {r.variant}-seed{r.seed} | {r.version} | {100 * r.val_acc:.2f}% "
+                     f"| [{r.run_id}]({run_page}) | [curves.png]({curves}) |")
+    create_markdown_artifact(key="training-runs", markdown="\n".join(lines))
 
 
 def _emit_promoted(decision: Promotion) -> None:

@@ -29,8 +29,9 @@ from prefect.cache_policies import NONE
 
 from model.config import ConfigError
 from model.data import CLASSES, read_competition_pickle
-from model.predict import predict, resolve_device
+from model.predict import resolve_device
 from tasks import registry
+from tasks.progress import predict_with_bar
 from tasks.registry import RegistryError
 from tasks.retries import TRANSIENT_RETRIES
 from tasks.settings import Settings
@@ -152,8 +153,8 @@ def predict_images(model: ScoredModel, images: np.ndarray, *, batch_size: int, t
             f"{model.uri} changed while it was being scored (run {loaded.run_id}, weights "
             f"{loaded.weights_sha256[:12]} instead of run {model.run_id}, weights "
             f"{model.weights_sha256[:12]}): was the registry reset? Score again")
-    labels, probabilities = predict(loaded.network, images, batch_size=batch_size, tta=tta,
-                                    device=torch_device)
+    labels, probabilities = predict_with_bar(loaded.network, images, "scoring", tta=tta,
+                                             batch_size=batch_size, device=torch_device)
     return Predictions(labels, probabilities, time.perf_counter() - started)
 
 

@@ -96,3 +96,18 @@ def end_open_runs(status: str = "KILLED") -> list[str]:
         except Exception as exc:
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
     return ended
+
+
+def run_links(info, artifact: str) -> tuple[str, str]:
+    """(the run's page, one of its artifacts) for a browser: the tracking server's pages,
+    or, with the embedded store, where the run's files lie."""
+    from urllib.parse import quote
+
+    from model.data.uri import redact
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        base = redact(uri).rstrip("/")
+        return (f"{base}/#/experiments/{info.experiment_id}/runs/{info.run_id}",
+                f"{base}/get-artifact?path={quote(artifact)}&run_uuid={info.run_id}")
+    return info.artifact_uri, f"{info.artifact_uri}/{artifact}"

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from prefect import task
+from prefect.artifacts import create_image_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,9 +35,10 @@ from model.train import FitResult, fit
 from tasks import gpu, plots, registry
 from tasks.data import log_dataset
 from tasks.metrics import MetricSink
+from tasks.progress import Tracker
 from tasks.settings import Settings
 from tasks.storage import MissingObjectError, open_store
-from tasks.tracking import tracked_run
+from tasks.tracking import run_links, tracked_run
 
 
 class VariantJob(BaseModel):
@@ -134,7 +135,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
             _log_final(sink, result)
             # Every metric is in MLflow before anything is registered, or the run fails.
             sink.close(timeout=settings.metrics_flush_seconds)
-            _log_artifacts(job, data, result)
+            _log_artifacts(job, data, result, run)
             version = register_version(job, data, result)
             outcome = VariantResult(
                 variant=job.training.variant, seed=job.training.seed,
@@ -169,15 +170,19 @@ def register_version(job: VariantJob, data: Dataset, result: FitResult):
 
 
 class _EpochLogger:
-    """on_epoch_end: the epoch's metrics, and its GPU's use, to MLflow."""
+    """on_epoch_end: the epoch's metrics, and its GPU's use, to MLflow; the progress to
+    the run page and the terminal."""
 
     def __init__(self, sink: MetricSink, job: VariantJob, logger, monitor: gpu.Monitor):
         self.sink, self.job, self.logger, self.monitor = sink, job, logger, monitor
+        self.progress = Tracker(f"{job.name} epoch", job.training.epochs,
+                                key=f"training-{job.name}")
 
     def __call__(self, metrics: dict[str, float]) -> None:
         epoch = int(metrics["epoch"])
         values = {k: v for k, v in metrics.items() if k != "epoch"}
         self.sink.log({**values, **self.monitor.sample()}, step=epoch)
+        self.progress.update(epoch + 1, f"val acc {100 * metrics['val/acc']:.2f}%")
         self.logger.info(
             "%s epoch %d/%d: train loss %.3f acc %.2f%%, val loss %.3f acc %.2f%%, %.1f s",
             self.job.name, epoch + 1, self.job.training.epochs, metrics["train/loss"],
@@ -217,20 +222,24 @@ def _log_final(sink: MetricSink, result: FitResult) -> None:
         sink.log({"test/acc": result.metrics["test/acc"]}, step=step)
 
 
-def _log_artifacts(job: VariantJob, data: Dataset, result: FitResult) -> None:
+def _log_artifacts(job: VariantJob, data: Dataset, result: FitResult, run) -> None:
     title = f"{job.training.variant} ({job.training.recipe}, seed {job.training.seed})"
     # fit() already predicted the validation split, with TTA where configured.
     matrix = plots.confusion_matrix(data.val.labels, result.val_predicted)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "curves.png").write_bytes(plots.curves_png(result.history, title))
-        (out / "confusion_matrix.png").write_bytes(
-            plots.confusion_png(matrix, data.classes, f"validation confusion, {title}"))
-        (out / "model_summary.txt").write_text(summary(result.model).table() + "\n")
-        (out / "config.json").write_text(json.dumps(job.training.to_dict(), indent=2))
-        np.savetxt(out / "confusion_matrix.csv", matrix, fmt="%d", delimiter=",")
-        (out / "packages.txt").write_text(installed_packages())  # the exact environment
-        mlflow.log_artifacts(tmp)
+    mlflow.log_figure(plots.curves(result.history, title), "curves.png")
+    mlflow.log_figure(plots.confusion(matrix, data.classes, f"validation confusion, {title}"),
+                      "confusion_matrix.png")
+    # Tables the MLflow UI shows and compares: rows true classes, a column per prediction.
+    mlflow.log_table({"true": list(data.classes), **{
+        name: matrix[:, i].tolist() for i, name in enumerate(data.classes)}},
+        "confusion_matrix.json")
+    mlflow.log_table({k: [h[k] for h in result.history] for k in result.history[0]},
+                     "history.json")
+    mlflow.log_text(summary(result.model).table() + "\n", "model_summary.txt")
+    mlflow.log_dict(job.training.to_dict(), "config.json")
+    mlflow.log_text(installed_packages(), "packages.txt")  # the exact environment
+    run_page, curves = run_links(run.info, "curves.png")
+    create_image_artifact(curves, key=f"curves-{job.name}", description=f"{title}: {run_page}")
 
 
 def read_result(store, job: VariantJob) -> VariantResult | None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from flows.train import TrainResnetsConfig, train
-from model.data import Dataset
+from model.data import CLASSES, Dataset
 from tasks.settings import EXPERIMENT, REGISTERED_MODEL, Settings
 from tasks.storage import open_store
 
@@ -131,8 +131,8 @@ def test_logs_figures_summary_and_config(
 ) -> None:
     for variant, mv in _versions(client).items():
         names = {a.path for a in client.list_artifacts(mv.run_id)}
-        assert {"curves.png", "confusion_matrix.png", "model_summary.txt",
-                "config.json", "packages.txt"} <= names, names
+        assert {"curves.png", "confusion_matrix.png", "confusion_matrix.json", "history.json",
+                "model_summary.txt", "config.json", "packages.txt"} <= names, names
         out = Path(client.download_artifacts(mv.run_id, "", str(tmp_path / variant)))
         for png in ("curves.png", "confusion_matrix.png"):
             with Image.open(io.BytesIO((out / png).read_bytes())) as image:
@@ -145,10 +145,14 @@ def test_logs_figures_summary_and_config(
         assert f"{PARAMS[variant]:,}" in (out / "model_summary.txt").read_text()
         # The exact package set that trained it.
         assert f"numpy=={np.__version__}" in (out / "packages.txt").read_text().splitlines()
-        # The confusion matrix counts every validation image once.
-        matrix = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", dtype=np.int64)
-        assert matrix.shape == (10, 10)
-        assert matrix.sum() == 128
+        # Tables for the MLflow UI: the confusion matrix counts every validation image
+        # once; the history has a row per epoch.
+        matrix = mlflow.load_table("confusion_matrix.json", run_ids=[mv.run_id])
+        assert list(matrix["true"]) == list(CLASSES)
+        assert matrix[list(CLASSES)].to_numpy().shape == (10, 10)
+        assert matrix[list(CLASSES)].to_numpy().sum() == 128
+        history = mlflow.load_table("history.json", run_ids=[mv.run_id])
+        assert list(history["epoch"]) == [0] and set(EPOCH_METRICS) <= set(history.columns)
 
 
 def test_the_parent_run_summarises_the_seeds(
@@ -208,7 +212,9 @@ def _prefect_artifacts(flow_run_id: Any, key: str) -> list[Any]:
         ))
 
 
-def test_publishes_the_comparison_and_curves_to_prefect(trained: dict[str, Any]) -> None:
+def test_publishes_the_comparison_and_curves_to_prefect(
+    trained: dict[str, Any], client: mlflow.MlflowClient
+) -> None:
     (table,) = _prefect_artifacts(trained["flow_run_id"], "variant-comparison")
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
@@ -221,9 +227,28 @@ def test_publishes_the_comparison_and_curves_to_prefect(trained: dict[str, Any])
         assert float(row["val acc %"]) == pytest.approx(
             100 * trained["val_acc"][f"{variant}-seed0"], abs=0.01)
 
-    (curves,) = _prefect_artifacts(trained["flow_run_id"], "training-curves")
-    assert curves.type == "markdown"
-    assert curves.data.count("data:image/png;base64,") == 2
+    # The curves stay in MLflow: the table links each run and its curves, copies nothing.
+    (runs,) = _prefect_artifacts(trained["flow_run_id"], "training-runs")
+    assert runs.type == "markdown" and "base64" not in runs.data
+    for variant in ("deep", "light"):
+        run_id = _versions(client)[variant].run_id
+        assert f"[{run_id}](" in runs.data
+        (image,) = _prefect_artifacts(trained["flow_run_id"], f"curves-{variant}-seed0")
+        assert image.type == "image" and image.data.endswith(f"{run_id}/artifacts/curves.png")
+
+
+def test_the_run_pages_show_progress_and_the_run_key(trained: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(trained["flow_run_id"]).name == f"train-resnets {RUN_KEY}"
+    (jobs,) = _prefect_artifacts(trained["flow_run_id"], "jobs")
+    assert (jobs.type, jobs.data, jobs.description) == ("progress", 100.0, "jobs done 2/2, done")
+    for variant in ("deep", "light"):
+        (epochs,) = _prefect_artifacts(trained["flow_run_id"], f"training-{variant}-seed0")
+        assert epochs.type == "progress" and epochs.data == 100.0
+        assert re.fullmatch(rf"{variant}-seed0 epoch 1/1, val acc \d+\.\d\d%, done",
+                            epochs.description), epochs.description
 
 
 def test_job_state_is_kept_in_object_storage(trained: dict[str, Any], parquet: Path) -> None:
