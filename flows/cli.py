@@ -1,12 +1,16 @@
 """`cifar-pipeline`: the command line.
 
-    cifar-pipeline run [--profile auto|smoke|quick|full] [--competition-file F] [--data SRC]
-    cifar-pipeline train [--variants deep,light] [--recipe fast] [--epochs N] ...
-    cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion]
+    cifar-pipeline run [--profile auto|smoke|quick|full] [--competition-file F] [--json]
+    cifar-pipeline train [--variants deep,light] [--recipe fast] [--epochs N] ... [--json]
+    cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion] [--json]
     cifar-pipeline predict IMAGE|FOLDER|PICKLE... [--model-uri URI] [--json]
-    cifar-pipeline models
+    cifar-pipeline models [--compare] [--json]
     cifar-pipeline serve [--model-uri URI] [--host H] [--port P]
     cifar-pipeline stack up|down|status [--workers N] [--cpu-slots] [--no-deploy] [--auth]
+    cifar-pipeline completion bash|zsh
+
+Exit status (README): 0 done; 1 bad input or a (partial) failure; 2 usage; 130, 143 an
+interrupt. Progress bars go to stderr, on a terminal only; --json prints one JSON document.
 
 Every command takes --state-dir (default ./.pipeline), before or after the command's
 name: the home of the embedded defaults, the MLflow database and artifacts, the local
@@ -40,7 +44,7 @@ def _configure_environment(state_dir: str | None, command: str = "") -> Path:
     check_state_dir(state, writable=command != "models")  # `models` only reads
     os.environ["CIFAR_STATE_DIR"] = str(state)
     if not os.environ.get("PREFECT_API_URL"):
-        # The embedded default: an in-process Prefect API whose database lives here too.
+        # The embedded default: a Prefect server this command starts, its database here.
         home = Path(os.environ.setdefault("PREFECT_HOME", str(state / "prefect")))
         if not (os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
                 or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
@@ -64,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "completion":  # needs no state directory
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell))
+        return 0
     try:
         from flows.config import RUN_KEY, RUN_KEY_RULE
 
@@ -152,17 +161,18 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from flows.config import data_config
-    from flows.summary import print_summary
+    from flows.summary import print_json, print_summary, summary_document
     from flows.train import TrainResnetsConfig, train
     from model.config import given
     from model.data import write_competition_pickle
     from model.profiles import resolve_profile
     from tasks.data import resolve_source
+    from tasks.progress import terminal_bars
     from tasks.settings import Settings
 
     settings = Settings.from_env()
     profile, why = resolve_profile(args.profile)
-    print(why, flush=True)
+    print(why, file=sys.stderr if args.json else sys.stdout, flush=True)
     options = given(args, TrainResnetsConfig.model_fields)
     recipe = options.get("recipe", TrainResnetsConfig.model_fields["recipe"].default)
     config = TrainResnetsConfig(**{
@@ -179,8 +189,10 @@ def cmd_run(args) -> int:
         write_competition_pickle(path, np.arange(len(data.val)), data.val.images)
         self_check = data.val.labels
         config = config.model_copy(update={"competition_file": str(path)})
-    summary = train(config)
-    print_summary(summary, settings, self_check)
+    with terminal_bars():
+        summary = train(config)
+    doc = summary_document(summary, settings, self_check)
+    print_json(doc) if args.json else print_summary(doc)
     return 0
 
 
@@ -195,13 +207,16 @@ def check_seeds(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from flows.summary import print_summary
+    from flows.summary import print_json, print_summary, summary_document
     from flows.train import TrainResnetsConfig, train
     from model.config import given
+    from tasks.progress import terminal_bars
     from tasks.settings import Settings
 
-    summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig.model_fields)))
-    print_summary(summary, Settings.from_env(), None)
+    with terminal_bars():
+        summary = train(TrainResnetsConfig(**given(args, TrainResnetsConfig.model_fields)))
+    doc = summary_document(summary, Settings.from_env(), None)
+    print_json(doc) if args.json else print_summary(doc)
     return 0
 
 
@@ -219,9 +234,15 @@ def cmd_score(args) -> int:
     # seconds). The flow reads and checks the file again.
     check_score_input(args)
     from flows.score import ScoreConfig, score
+    from flows.summary import print_json
+    from tasks.progress import terminal_bars
 
-    result = score(ScoreConfig(model_uri=args.model_uri, input_uri=args.input,
-                               output=args.output, tta=not args.no_tta, device=args.device))
+    with terminal_bars():
+        result = score(ScoreConfig(model_uri=args.model_uri, input_uri=args.input,
+                                   output=args.output, tta=not args.no_tta, device=args.device))
+    if args.json:
+        print_json(result)
+        return 0
     state = "found existing" if result.get("reused") else "wrote"
     print(f"{state} {result['rows']} predictions of {result['model_name']} "
           f"v{result['model_version']}:")
@@ -233,31 +254,13 @@ def cmd_score(args) -> int:
 def cmd_models(args) -> int:
     import mlflow
 
-    from flows.summary import print_rows, version_seed_rows
-    from model.data.uri import redact
-    from tasks.settings import REGISTERED_MODEL, Settings
+    from flows.summary import models_document, print_json, print_models
+    from tasks.settings import Settings
 
     # Only reads: no experiment created, no lock taken (a read-only state directory).
     mlflow.set_tracking_uri(Settings.from_env().tracking_uri)
-    client = mlflow.MlflowClient()
-    versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
-    if not versions:
-        print(f"no versions of {REGISTERED_MODEL} at {redact(mlflow.get_tracking_uri())}")
-        return 0
-    aliases = client.get_registered_model(REGISTERED_MODEL).aliases
-    by_version: dict[str, list[str]] = {}
-    for alias, version in aliases.items():
-        by_version.setdefault(str(version), []).append(alias)
-    print(f"{'version':>7}  {'variant':<7} {'recipe':<9} {'val acc':>8}  {'aliases':<24} run")
-    for mv in sorted(versions, key=lambda v: int(v.version)):
-        acc = mv.tags.get("val_acc")
-        print(f"{mv.version:>7}  {mv.tags.get('variant', '?'):<7} "
-              f"{mv.tags.get('recipe', '?'):<9} "
-              f"{(f'{100 * float(acc):.2f}%' if acc else '-'):>8}  "
-              f"{', '.join(sorted(by_version.get(str(mv.version), []))):<24} {mv.run_id}")
-    if args.compare and (rows := version_seed_rows(versions)):
-        print("\nover seeds (validation accuracy chose the champion, so it reads high for it)")
-        print_rows(rows)
+    doc = models_document(mlflow.MlflowClient(), args.compare)
+    print_json(doc) if args.json else print_models(doc)
     return 0
 
 
@@ -380,6 +383,13 @@ def _parser() -> argparse.ArgumentParser:
                     "API auth string (up)")
     st.set_defaults(handler=cmd_stack)
 
+    co = sub.add_parser("completion", help="print a shell completion script (README: "
+                        "Shell completion)")
+    co.add_argument("shell", choices=["bash", "zsh"], help="the shell it is for")
+
+    for command in (run, tr, sc, md):
+        command.add_argument("--json", action="store_true", help="print one JSON document "
+                             "on stdout instead of the text (keys: README, JSON output)")
     for command in sub.choices.values():
         # After the command's name too; SUPPRESS keeps a value given before it.
         command.add_argument("--state-dir", default=argparse.SUPPRESS, help=STATE_DIR_HELP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from model.stats import fmt, seed_statistics, verdict
 from tasks.settings import CHAMPION_URI
 
@@ -9,29 +11,49 @@ LABELS = {"val/acc": "val acc", "val/acc_tta": "val acc TTA", "test/acc": "test 
 VERSION_TAGS = {"val/acc": "val_acc", "val/acc_tta": "val_acc_tta", "test/acc": "test_acc"}
 
 
-def print_summary(summary: dict, settings, self_check) -> None:
-    print("\nsummary")
+def summary_document(summary: dict, settings, self_check) -> dict:
+    """What `train --json` and `run --json` print; its keys are listed in the README."""
     from model.data.uri import redact
 
-    rows = [("MLflow tracking", redact(settings.tracking_uri)),
-            ("MLflow parent run", summary["mlflow_run_id"]),
-            ("data digest", summary["data_digest"][:16])]
-    for job, version in summary["versions"].items():
-        rows.append((f"  {job}", f"version {version}, val acc "
-                                 f"{100 * summary['val_acc'][job]:.2f}%"))
-    rows += seed_rows(summary.get("seed_stats") or {"variants": {}})
-    rows.append(("champion", f"{CHAMPION_URI} = version "
-                             f"{summary['champion']} ({summary['reason']})"))
-    test = summary.get("champion_test_acc")
+    score = summary.get("score")
+    return {
+        "run_key": summary["run_key"],
+        "tracking_uri": redact(settings.tracking_uri),
+        "mlflow_run_id": summary["mlflow_run_id"],
+        "data_digest": summary["data_digest"],
+        "jobs": [{"job": job, "version": version, "val_acc": summary["val_acc"][job]}
+                 for job, version in summary["versions"].items()],
+        "champion": {"uri": CHAMPION_URI, "version": summary["champion"],
+                     "promoted": summary["promoted"], "reason": summary["reason"],
+                     "test_acc": summary.get("champion_test_acc")},
+        "seed_stats": summary.get("seed_stats") or {"variants": {}},
+        "predictions": score and {
+            "csv": score["files"]["predictions.csv"]["uri"], "manifest": score["manifest_uri"],
+            "self_check_acc": None if self_check is None else _csv_accuracy(score, self_check)},
+    }
+
+
+def print_json(doc) -> None:
+    """One JSON document on stdout; a NaN (no spread from one seed) is null, valid JSON."""
+    print(json.dumps(json.loads(json.dumps(doc), parse_constant=lambda _: None), indent=2))
+
+
+def print_summary(doc: dict) -> None:
+    print("\nsummary")
+    rows = [("MLflow tracking", doc["tracking_uri"]), ("MLflow parent run", doc["mlflow_run_id"]),
+            ("data digest", doc["data_digest"][:16])]
+    rows += [(f"  {j['job']}", f"version {j['version']}, val acc {100 * j['val_acc']:.2f}%")
+             for j in doc["jobs"]]
+    rows += seed_rows(doc["seed_stats"])
+    champion, test = doc["champion"], doc["champion"]["test_acc"]
+    rows.append(("champion", f"{champion['uri']} = version {champion['version']} "
+                             f"({champion['reason']})"))
     rows.append(("", "chosen on validation accuracy, which therefore reads high for it; " + (
         f"its test accuracy, which took no part: {100 * test:.2f}%" if test is not None
         else "a source with a labelled test split would give an unbiased figure")))
-    score = summary.get("score")
-    if score:
-        rows.append(("predictions", score["files"]["predictions.csv"]["uri"]))
-        rows.append(("manifest", score["manifest_uri"]))
-        if self_check is not None:
-            accuracy = _csv_accuracy(score, self_check)
+    if predictions := doc["predictions"]:
+        rows += [("predictions", predictions["csv"]), ("manifest", predictions["manifest"])]
+        if (accuracy := predictions["self_check_acc"]) is not None:
             rows.append(("self-check", f"{100 * accuracy:.2f}% of the validation split "
                                        "scored as a competition file"))
     print_rows(rows)
@@ -52,7 +74,7 @@ def seed_rows(stats: dict) -> list[tuple[str, str]]:
                    for m, d in stats.get("deep_minus_light", {}).items()]
 
 
-def version_seed_rows(versions) -> list[tuple[str, str]]:
+def version_seed_groups(versions) -> list[dict]:
     """`models --compare`: the seed statistics over registered versions, one group per data
     digest and recipe; the newest version of each variant and seed counts once."""
     newest = {}
@@ -64,11 +86,52 @@ def version_seed_rows(versions) -> list[tuple[str, str]]:
     for (digest, recipe, variant, _), t in newest.items():
         metrics = {m: float(t[tag]) for m, tag in VERSION_TAGS.items() if tag in t}
         groups.setdefault((digest, recipe), []).append((variant, metrics))
-    rows = []
-    for (digest, recipe), group in sorted(groups.items()):
-        rows += [(f"data {digest[:16]}", f"recipe {recipe}"),
-                 *seed_rows(seed_statistics(group))]
-    return rows
+    return [{"data_digest": digest, "recipe": recipe, "seed_stats": seed_statistics(group)}
+            for (digest, recipe), group in sorted(groups.items())]
+
+
+def version_seed_rows(versions) -> list[tuple[str, str]]:
+    return [row for group in version_seed_groups(versions) for row in _group_rows(group)]
+
+
+def _group_rows(group: dict) -> list[tuple[str, str]]:
+    return [(f"data {group['data_digest'][:16]}", f"recipe {group['recipe']}"),
+            *seed_rows(group["seed_stats"])]
+
+
+def models_document(client, compare: bool) -> dict:
+    """What `models --json` prints (keys in the README): every registered version, and
+    with `compare` the seed statistics per data digest and recipe."""
+    import mlflow
+
+    from model.data.uri import redact
+    from tasks.settings import REGISTERED_MODEL
+
+    versions = sorted(client.search_model_versions(f"name='{REGISTERED_MODEL}'"),
+                      key=lambda v: int(v.version))
+    aliases = client.get_registered_model(REGISTERED_MODEL).aliases if versions else {}
+    return {"tracking_uri": redact(mlflow.get_tracking_uri()), "model": REGISTERED_MODEL,
+            "versions": [{
+                "version": str(mv.version), "variant": mv.tags.get("variant"),
+                "recipe": mv.tags.get("recipe"), "run_id": mv.run_id,
+                "val_acc": float(mv.tags["val_acc"]) if "val_acc" in mv.tags else None,
+                "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version))}
+                for mv in versions],
+            "compare": version_seed_groups(versions) if compare else None}
+
+
+def print_models(doc: dict) -> None:
+    if not doc["versions"]:
+        print(f"no versions of {doc['model']} at {doc['tracking_uri']}")
+        return
+    print(f"{'version':>7}  {'variant':<7} {'recipe':<9} {'val acc':>8}  {'aliases':<24} run")
+    for v in doc["versions"]:
+        acc = "-" if v["val_acc"] is None else f"{100 * v['val_acc']:.2f}%"
+        print(f"{v['version']:>7}  {v['variant'] or '?':<7} {v['recipe'] or '?':<9} {acc:>8}  "
+              f"{', '.join(v['aliases']):<24} {v['run_id']}")
+    if rows := [row for group in doc["compare"] or [] for row in _group_rows(group)]:
+        print("\nover seeds (validation accuracy chose the champion, so it reads high for it)")
+        print_rows(rows)
 
 
 def _csv_accuracy(score: dict, labels) -> float:

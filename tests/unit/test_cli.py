@@ -17,7 +17,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 COMMANDS = sorted(_commands())
-MINIMAL_ARGS = {"score": ["--input", "f.pkl"], "predict": ["a.png"], "stack": ["status"]}
+MINIMAL_ARGS = {"score": ["--input", "f.pkl"], "predict": ["a.png"], "stack": ["status"],
+                 "completion": ["bash"]}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
