@@ -38,4 +38,7 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 
 python3 -m venv .venv
-.venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+# Exactly the locked versions, each file checked against its hash (`bash .ci/lock` refreshes
+# the lock after a change to pyproject.toml), then the project itself.
+.venv/bin/pip install --require-hashes -r requirements.lock
+.venv/bin/pip install --no-deps -e .

@@ -622,8 +622,10 @@ def test_dockerfile_builds_a_non_root_cuda_image_of_the_project() -> None:
     # torch.compile on the GPU: Triton builds its launcher with a C compiler and Python.h.
     apt = re.search(r"apt-get install ([^&]*)", runs)
     assert apt and {"gcc", "python3-dev"} <= set(apt.group(1).split()), runs
-    # Each run logs its own GPU's utilisation and memory through NVML.
-    assert "nvidia-ml-py" in runs
+    # The locked environment, which holds NVML's bindings: each run logs its own GPU's
+    # utilisation and memory through them.
+    assert "--require-hashes -r /tmp/requirements.lock" in runs
+    assert "\nnvidia-ml-py==" in (REPO / "requirements.lock").read_text()
 
     # The build context is the repository root: every COPY source must exist there.
     for kind, args in instructions:
