@@ -12,7 +12,9 @@ lost or duplicated:
 - every training left one `registered.json`, and the registry holds exactly one version
   per training run key, no more;
 - the bucket holds exactly one complete set of outputs (CSV, Parquet, manifest) per
-  scoring input, under this load run's own prefix, and nothing else there.
+  scoring input, under this load run's own prefix, and nothing else there;
+- the Prefect API answered no request of the load (submissions, polls) with a 5xx: its
+  client runs with retries off, so that none is hidden; one is counted, then retried.
 
 It prints a throughput table and exits non-zero if any check failed.
 """
@@ -76,6 +78,7 @@ class LoadReport:
     kinds: list[KindReport]
     wall_seconds: float
     problems: list[str]
+    server_errors: int = 0  # API answers >= 500
 
     @property
     def ok(self) -> bool:
@@ -94,7 +97,8 @@ class LoadReport:
                 f"{statistics.median(times):.1f} | {p95:.1f} |")
         total = sum(k.completed for k in self.kinds)
         lines.append(f"\nall {total} runs in {self.wall_seconds:.0f} s wall "
-                     f"({60 * total / self.wall_seconds:.1f} runs/min); load tag {self.tag}")
+                     f"({60 * total / self.wall_seconds:.1f} runs/min), "
+                     f"{self.server_errors} API answer(s) 5xx; load tag {self.tag}")
         lines.append("checks: " + ("all passed" if self.ok else "; ".join(self.problems)))
         return "\n".join(lines)
 
@@ -130,7 +134,21 @@ def _register_scoring_model(tag: str) -> str:
     return str(mv.version)
 
 
-def _wait(client, run_ids: Sequence, timeout: float, poll: float = 2.0) -> dict:
+def _counting_5xx(errors: list[int], call, *args, **kwargs):
+    """`call`, again after each 5xx the Prefect API answers, which `errors` records."""
+    import httpx
+
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code < 500:
+                raise
+            errors.append(e.response.status_code)
+            time.sleep(1)
+
+
+def _wait(client, run_ids: Sequence, timeout: float, errors: list[int]) -> dict:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     deadline = time.monotonic() + timeout
@@ -138,14 +156,14 @@ def _wait(client, run_ids: Sequence, timeout: float, poll: float = 2.0) -> dict:
     while len(final) < len(run_ids):
         pending = [i for i in run_ids if i not in final]
         for start in range(0, len(pending), 200):
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            runs = _counting_5xx(errors, client.read_flow_runs, flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=pending[start:start + 200])))
             final.update({r.id: r for r in runs if r.state is not None and r.state.is_final()})
         if len(final) < len(run_ids):
             if time.monotonic() > deadline:
                 raise LoadError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did not "
                                 f"finish within {timeout:.0f} s")
-            time.sleep(poll)
+            time.sleep(2)
     return final
 
 
@@ -173,6 +191,7 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
     import mlflow
     from prefect import get_client
     from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from model.profiles import PROFILES
 
@@ -186,33 +205,38 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
         s3.put_object(Bucket=BUCKET, Key=f"loadtest/{tag}/inputs/{i:03d}.pkl", Body=body)
 
     smoke = PROFILES["smoke"]
-    train_ids, score_ids = [], []
-    for i in range(trainings):
-        model = {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides_for("fast")}
-        job = {"training": model, "run_key": f"{tag}-{i:03d}",
-               "data": {"data_source": data_source, "train_size": smoke.train_size,
-                        "val_size": smoke.val_size}}
-        run = run_deployment(TRAIN_DEPLOYMENT, parameters={"job": job}, timeout=0,
-                             flow_run_name=f"{tag}-train-{i:03d}")
-        train_ids.append(run.id)
-    for i in range(scorings):
-        config = {"model_uri": f"models:/cifar10-resnet/{version}",
-                  "input_uri": f"s3://{BUCKET}/loadtest/{tag}/inputs/{i:03d}.pkl",
-                  "output": f"s3://{BUCKET}/loadtest/{tag}/predictions",
-                  "tta": False, "device": "cpu"}
-        run = run_deployment(SCORE_DEPLOYMENT, parameters={"config": config}, timeout=0,
-                             flow_run_name=f"{tag}-score-{i:03d}")
-        score_ids.append(run.id)
+    train_ids, score_ids, errors = [], [], []
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+        for i in range(trainings):
+            model = {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides_for("fast")}
+            job = {"training": model, "run_key": f"{tag}-{i:03d}",
+                   "data": {"data_source": data_source, "train_size": smoke.train_size,
+                            "val_size": smoke.val_size}}
+            run = _counting_5xx(errors, run_deployment, TRAIN_DEPLOYMENT, parameters={"job": job},
+                                timeout=0, flow_run_name=f"{tag}-train-{i:03d}")
+            train_ids.append(run.id)
+        for i in range(scorings):
+            config = {"model_uri": f"models:/cifar10-resnet/{version}",
+                      "input_uri": f"s3://{BUCKET}/loadtest/{tag}/inputs/{i:03d}.pkl",
+                      "output": f"s3://{BUCKET}/loadtest/{tag}/predictions",
+                      "tta": False, "device": "cpu"}
+            run = _counting_5xx(errors, run_deployment, SCORE_DEPLOYMENT,
+                                parameters={"config": config}, timeout=0,
+                                flow_run_name=f"{tag}-score-{i:03d}")
+            score_ids.append(run.id)
 
-    with get_client(sync_client=True) as client:
-        final = _wait(client, train_ids + score_ids, timeout)
+        with get_client(sync_client=True) as client:
+            final = _wait(client, train_ids + score_ids, timeout, errors)
     wall = time.monotonic() - started
     kinds = [_summarise("train-variant (smoke)", [final[i] for i in train_ids]),
              _summarise("score-competition", [final[i] for i in score_ids])]
     problems = [f"{k.kind} {failure}" for k in kinds for failure in k.failed]
     problems += _check_registry(s3, mlflow.MlflowClient(), tag, trainings)
     problems += _check_predictions(s3, tag, scorings, version)
-    return LoadReport(tag, kinds, wall, problems)
+    if errors:
+        problems.append(f"the Prefect API answered {len(errors)} request(s) with "
+                        f"{sorted(set(errors))}")
+    return LoadReport(tag, kinds, wall, problems, len(errors))
 
 
 def _keys(s3, prefix: str) -> list[str]:

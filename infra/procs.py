@@ -1,20 +1,12 @@
-"""The stack's processes, run by supervisord (the `supervisor` package).
+"""The stack's processes, run by supervisord (the `supervisor` package): one per state
+directory, configured in `<state>/stack/supervisor/`, each program logging to
+`<state>/stack/logs/<name>.log` and restarted when it exits.
 
-One supervisord per state directory, started by `infra/stack.py up` (or
-`infra/workers.py start`) with its configuration in `<state>/stack/supervisor/`, its
-control socket there too (mode 0700) and each program's output in
-`<state>/stack/logs/<name>.log`. Every program restarts when it exits; one that dies
-within `START_SECONDS` of starting is retried `START_RETRIES` times, then left FATAL.
-
-The project's own part is small: which programs to run (one file per program, so that
-supervisord's `reloadConfig` tells what changed), reading their state, and
-`stop_processes`, the one process stopper (psutil): flow runs start sessions of their
-own, so stopping a worker's process group misses them, and supervisord killed with
-SIGKILL leaves its programs running. Every program's environment carries
-`CIFAR_STACK=<state>/stack`, which finds all of them, flow runs included.
-
-Also here, because every script needs them: the state directory, the console scripts of
-this virtualenv, and the env file `up` writes.
+The project's own part: which programs to run (one file each, so that supervisord's
+`reloadConfig` tells what changed), reading their state, and `stop_processes`, the one
+process stopper (psutil). Flow runs start sessions of their own, and a supervisord killed
+with SIGKILL leaves its programs running: every program's environment carries
+`CIFAR_STACK=<state>/stack`, which finds all of them.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
 """The local stack's services: its settings (ports, S3 endpoint, auth, kept in
-`<state>/stack/stack.json`), credentials, environments, and the service table: how each
-server runs under supervisord and how it is checked.
-
-| service  | program                      | data                              |
-|----------|------------------------------|-----------------------------------|
-| postgres | PostgreSQL (Debian's)        | `<state>/stack/postgres/`         |
-| s3       | SeaweedFS `weed server -s3`  | `<state>/stack/s3/`               |
-| prefect  | `prefect server start`       | database `prefect` on postgres    |
-| mlflow   | `mlflow server`              | database `mlflow`, artifacts on s3 |
-| alerts   | `infra/alerts.py serve`      | `<state>/stack/alerts.jsonl`      |
+`<state>/stack/stack.json`), credentials, environments, and the service table (SERVICES):
+how each server runs under supervisord and how it is checked.
 """
 
 from __future__ import annotations

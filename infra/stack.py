@@ -1,36 +1,16 @@
-"""The local stack: PostgreSQL, SeaweedFS's S3, the Prefect and MLflow servers and the
-workers, on 127.0.0.1, kept running by supervisord.
+"""The local stack: PostgreSQL, SeaweedFS's S3, the Prefect and MLflow servers, the alert
+receiver and the workers, on 127.0.0.1, kept running by supervisord.
 
     python infra/stack.py up [--state-dir DIR] [--workers N] [--cpu-slots] [--no-deploy]
                              [--cpu-pool-workers N] [--auth | --no-auth] [--timeout S]
-    python infra/stack.py status [--state-dir DIR]
-    python infra/stack.py down [--state-dir DIR]
+    python infra/stack.py status | down [--state-dir DIR]
 
-`up` starts supervisord for the state directory (unless it runs) and, under it, the
-services of `infra/services.py`'s table in two stages:
-  - PostgreSQL (a cluster under `<state>/stack/postgres`, created on the first `up`) and
-    SeaweedFS's S3 server (`<state>/stack/s3`), unless CIFAR_S3_ENDPOINT or
-    AWS_ENDPOINT_URL_S3 names an endpoint of yours; then the databases `prefect` and
-    `mlflow` and the buckets `cifar-mlflow` and `cifar-pipeline`, each only if missing;
-  - `prefect server start` and `mlflow server` on those databases (MLflow's artifacts
-    proxied to s3://cifar-mlflow/artifacts), and the alert receiver of `infra/alerts.py`;
-then the process work pools `gpu` (capped at one flow run per GPU or CPU slot) and `cpu`,
-`prefect deploy --all` (unless --no-deploy), the failure alerts of
-`infra/automations.yaml`, and the workers of `infra/workers.py`. Ports are chosen on the
-first `up` and kept in `<state>/stack/stack.json`; the settings clients need go to
-`<state>/stack/env`: `source` it to use the stack.
-
-supervisord restarts any service or worker that exits. `up` again leaves alone what runs
-with the same settings and restarts what changed. `down` stops everything, flow runs
-included, and keeps every database and bucket. `--auth` turns on MLflow's basic-auth app
-and Prefect's API auth string, with passwords generated once and kept in
-`<state>/stack/secrets.json` (mode 0600).
+What each step does, and what `up` again, `status` and `down` do: infra/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -84,14 +64,6 @@ def configure(root: Path, auth: bool | None) -> Stack:
     return stack
 
 
-def check_auth_support() -> None:
-    """MLflow's basic-auth app needs Flask-WTF (the `mlflow[auth]` extra); say so before
-    starting anything rather than in a traceback in mlflow.log."""
-    if importlib.util.find_spec("flask_wtf") is None:
-        raise StackError("--auth needs MLflow's basic-auth app, which needs Flask-WTF: "
-                         f"{sys.executable} -m pip install 'mlflow[auth]'")
-
-
 def _ports_of(name: str) -> list[str]:
     return list(services.S3_PORTS) if name == "s3" else [name]
 
@@ -138,8 +110,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     began = time.monotonic()
     with locked(root / ".lock", f"another `up` or `down` on {root}"):
         stack = configure(root, args.auth)
-        if stack.auth:
-            check_auth_support()
         print(f"stack under {root}")
         # Planned first: a --workers this machine cannot serve fails before anything starts.
         plan = provision.worker_plan(args.workers, args.cpu_slots, args.cpu_pool_workers)

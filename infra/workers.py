@@ -3,22 +3,13 @@
     python infra/workers.py start --pool gpu [--gpus 0,1] [--state-dir DIR]
     python infra/workers.py start --pool gpu --cpu-slots 2      # no GPU: N CPU slots
     python infra/workers.py start --pool gpu --share-gpu --limit 2
-    python infra/workers.py stop [--pool gpu] [--state-dir DIR]
-    python infra/workers.py status [--pool gpu] [--state-dir DIR]
+    python infra/workers.py stop | status [--pool gpu] [--state-dir DIR]
 
-GPUs come from `nvidia-smi -L` (none when it is missing or fails). Each GPU gets one
-`prefect worker start --type process --limit 1` with CUDA_VISIBLE_DEVICES=<index>, so a
-worker takes one flow run at a time and two runs never share a GPU; `--share-gpu` allows
-`--limit` above 1. `--cpu-slots N` starts N workers with no GPU visible instead (a
-machine without GPUs, tests). The workers poll the Prefect API named by PREFECT_API_URL;
-if `<state>/stack/env` exists (written by `infra/stack.py up`) its settings are used.
-The pool's concurrency limit is left to the user, since other machines may serve the pool
-too: `prefect work-pool set-concurrency-limit gpu <GPUs of all its machines>` (`start`
-prints this machine's share; `infra/stack.py up` sets it for the local stack).
-
-Every worker is a program `worker.<pool>.<name>` of the state directory's supervisord
-(`infra/procs.py`, shared with `infra/stack.py`), which restarts it when it exits; it logs
-to `<state>/stack/logs/worker.<pool>.<name>.log`. `stop` stops it and its flow runs.
+Each GPU (`nvidia-smi -L`) gets one `prefect worker start --type process --limit 1` with
+CUDA_VISIBLE_DEVICES=<index>, so two runs never share a GPU. Workers are programs
+`worker.<pool>.<name>` of the state directory's supervisord (`infra/procs.py`), which
+restarts them. They poll PREFECT_API_URL, or the server of `<state>/stack/env` if `up`
+wrote one. The pool's concurrency limit is left to the user: other machines may serve it.
 """
 
 from __future__ import annotations

@@ -320,7 +320,6 @@ def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(
 def test_auth_refuses_requests_without_credentials(stack: Stack):
     """After `down`, the same state directory comes back up with --auth (a warm database
     starts faster than a fresh one), its data still there."""
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth]")
     up = stack.run("up", "--no-deploy", "--cpu-slots", "--auth", "--workers", "1",
                    "--cpu-pool-workers", "0")
     assert up.returncode == 0, up.stdout + up.stderr
