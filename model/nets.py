@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-VARIANTS: dict[str, tuple[int, int, int]] = {
-    "deep": (4, 4, 3),
-    "light": (2, 2, 2),
-}
+VARIANTS: dict[str, tuple[int, int, int]] = {"deep": (4, 4, 3), "light": (2, 2, 2)}
 STAGE_WIDTHS = (64, 128, 256)
 NUM_CLASSES = 10
 
@@ -103,32 +101,20 @@ def fuse_for_inference(model: nn.Module) -> ModifiedResNet:
     return fused
 
 
-def _fold_batch_norm(conv: nn.Module, bn: nn.Module) -> nn.Module:
-    """conv then eval-mode BN as one conv: w' = w * g / sqrt(v + eps), b' = (b - m) * g /
-    sqrt(v + eps) + beta. Already folded (BN is Identity): the conv as it is."""
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """conv then eval-mode BN as one conv with a bias. Already folded (BN is Identity): the
+    conv as it is."""
     if isinstance(bn, nn.Identity):
         return conv
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"expected Conv2d + BatchNorm2d, got {type(conv).__name__} + "
-                        f"{type(bn).__name__}")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("batch norm without running statistics cannot be folded")
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True,
-                      padding_mode=conv.padding_mode, device=conv.weight.device,
-                      dtype=conv.weight.dtype).requires_grad_(False)
+    fused = copy.deepcopy(conv)
     # float64 so that the fold itself adds no rounding beyond the final cast.
-    scale = bn.running_var.double().add(bn.eps).rsqrt()  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    bias = -bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias.double()
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_(bias)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+        bn.running_mean.double(), bn.running_var.double(), bn.eps,
+        bn.weight.double(), bn.bias.double(),
+    )
+    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
     return fused
 
 
@@ -221,11 +207,8 @@ def summary(model: nn.Module, batch_size: int = 128, input_size=(3, 32, 32)) -> 
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
-    if isinstance(model, ModifiedResNet):
-        with torch.device("meta"):
-            return ModifiedResNet(model.blocks, widths=model.widths).eval()
-    # A compiled or wrapped model: fall back to its original module.
-    inner = getattr(model, "_orig_mod", None)
-    if inner is not None:
-        return _meta_copy(inner)
-    raise TypeError(f"summary() supports ModifiedResNet, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if not isinstance(model, ModifiedResNet):
+        raise TypeError(f"summary() supports ModifiedResNet, got {type(model).__name__}")
+    with torch.device("meta"):
+        return ModifiedResNet(model.blocks, widths=model.widths).eval()
