@@ -180,6 +180,7 @@ class Program:
             f"stopwaitsecs={STOP_TIMEOUT:.0f}",
             "stopasgroup=true",
             "killasgroup=true",
+            "umask=077",  # databases, objects and logs: their owner's alone
             "redirect_stderr=true",
             f"stdout_logfile={log_path(root, self.name)}",
         ]
@@ -228,8 +229,8 @@ class Supervisor:
             killed = stop_processes(leftovers)
             print(f"  stopped {len(leftovers)} process(es) an earlier supervisord left "
                   f"({killed} killed)")
-        self.programs_dir.mkdir(parents=True, exist_ok=True)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
+        for folder in (self.home, self.programs_dir, self.log.parent):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         conf = self.home / "supervisord.conf"
         write_text(conf, "\n".join([
             "[unix_http_server]", f"file={self.socket}", "chmod=0700", "",

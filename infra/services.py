@@ -210,7 +210,8 @@ def client_env(stack: Stack) -> dict[str, str]:
 
 
 def _base_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # Telemetry off, as Prefect's analytics are: nothing leaves this machine.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     # Settings of another Prefect API or MLflow server must not leak into this stack.
     for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING",
                  "PREFECT_PROFILE", "PREFECT_SERVER_API_AUTH_STRING",
@@ -253,7 +254,7 @@ def _s3_program(stack: Stack) -> Program:
     config = stack.root / "s3-identities.json"
     write_text(config, json.dumps(identity, indent=2) + "\n", mode=0o600)
     data = stack.root / "s3"
-    data.mkdir(parents=True, exist_ok=True)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
     p = stack.ports
     argv = [tool("weed"), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
             f"-master.port={p['s3-master']}", f"-master.port.grpc={p['s3-master-grpc']}",
@@ -269,7 +270,7 @@ def _s3_program(stack: Stack) -> Program:
 
 def _prefect_program(stack: Stack) -> Program:
     home = prefect_home(stack)
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     password = secrets_for(stack)["postgres_password"]
     env = _base_env()
     env.update(
@@ -284,9 +285,21 @@ def _prefect_program(stack: Stack) -> Program:
     )
     if stack.auth:
         env["PREFECT_SERVER_API_AUTH_STRING"] = secrets_for(stack)["prefect_api_auth_string"]
-    argv = [tool("prefect"), "server", "start", "--host", HOST, "--port",
-            str(stack.ports["prefect"])]
-    return Program("prefect", argv, env, str(stack.root), fresh=True)
+    # What `prefect server start` runs, with the Host check of `prefect_app` around it.
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "infra.services:prefect_app",
+            "--app-dir", str(REPO), "--host", HOST, "--port", str(stack.ports["prefect"])]
+    return Program("prefect", argv, env, str(stack.root))
+
+
+def prefect_app():
+    """Prefect's server (API, UI and its services), refusing any Host header but this
+    machine's own names: a web page cannot reach it through DNS rebinding."""
+    from prefect.server.api.server import create_app
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app = create_app(final=True)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost"])
+    return app
 
 
 def _mlflow_program(stack: Stack) -> Program:
@@ -297,12 +310,12 @@ def _mlflow_program(stack: Stack) -> Program:
         PGPASSWORD=secret["postgres_password"],  # libpq's; kept out of the command line
         # The job runner (huey consumers for GenAI jobs) is not used by this project.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        DO_NOT_TRACK="true",
     )
     if stack.s3_external is None:
         env.update(s3_env(stack))
-    argv = [tool("mlflow"), "server", "--host", HOST, "--port", str(stack.ports["mlflow"]),
+    port = stack.ports["mlflow"]
+    argv = [tool("mlflow"), "server", "--host", HOST, "--port", str(port),
+            "--allowed-hosts", f"{HOST},{HOST}:{port},localhost,localhost:{port}",
             "--backend-store-uri", postgres.url(stack, "mlflow", "postgresql"),
             "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts"]
     if stack.auth:

@@ -40,7 +40,8 @@ def configure(root: Path, auth: bool | None) -> Stack:
     """The stack of stack.json, or a new one with free ports; settings that cannot change
     under running services (S3 endpoint, auth) are checked here."""
     external = services.external_s3_endpoint(os.environ)
-    stack = Stack.load(root) or Stack(root, {}, external, bool(auth))
+    # Auth is on unless asked off, and kept once chosen.
+    stack = Stack.load(root) or Stack(root, {}, external, auth is not False)
     missing = [name for name in services.PORTS if name not in stack.ports]
     if missing:  # a new stack, or one from before a service was added
         taken = set(stack.ports.values())
@@ -111,6 +112,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     with locked(root / ".lock", f"another `up` or `down` on {root}"):
         stack = configure(root, args.auth)
         print(f"stack under {root}")
+        root.chmod(0o711)  # others may enter it (PostgreSQL's user must), not list it
+        if not stack.auth:
+            print("warning: auth is off: any process on this machine can use this stack's "
+                  "Prefect and MLflow APIs; `down`, then `up --auth`, turns it on",
+                  file=sys.stderr)
         # Planned first: a --workers this machine cannot serve fails before anything starts.
         plan = provision.worker_plan(args.workers, args.cpu_slots, args.cpu_pool_workers)
         supervisor = Supervisor(root)
@@ -205,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
                          f"{cpu_workers}, each taking {workers.CPU_POOL_LIMIT} runs)")
     up.add_argument("--no-deploy", action="store_true", help="skip `prefect deploy --all`")
     up.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
-                    help="MLflow basic-auth and a Prefect API auth string (kept once chosen)")
+                    help="MLflow basic-auth and a Prefect API auth string (on for a new "
+                    "stack; kept once chosen)")
     timeout = services.HEALTH_TIMEOUT
     up.add_argument("--timeout", type=float, default=timeout,
                     help=f"seconds for the services to answer (default {timeout:.0f})")

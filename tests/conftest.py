@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -83,6 +84,25 @@ def stack_state_dir() -> Iterator[Callable[[], Path]]:
     yield new
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def stack_browser_page(playwright, env: Mapping[str, str]):
+    """A page of Debian's chromium signed in to the stack's UIs, as a user would be: the
+    Prefect UI's login form keeps the auth string, base64, under `prefect-password` in
+    local storage; MLflow's basic-auth app asks through the browser's own prompt."""
+    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+    credentials = None
+    if env.get("MLFLOW_TRACKING_PASSWORD"):
+        credentials = {"username": env["MLFLOW_TRACKING_USERNAME"],
+                       "password": env["MLFLOW_TRACKING_PASSWORD"]}
+    context = browser.new_context(viewport={"width": 1400, "height": 900},
+                                  http_credentials=credentials)
+    if env.get("PREFECT_API_AUTH_STRING"):
+        token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        context.add_init_script(f"localStorage.setItem('prefect-password', '{token}')")
+    return browser, context.new_page()
 
 
 def stack_pids(state: Path) -> dict[str, int]:

@@ -15,6 +15,7 @@ runs first.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -157,10 +158,15 @@ def test_a_burst_of_run_creations_and_reads_during_a_training_gets_no_5xx(stack)
     training = run_deployment("train-variant/train-variant", parameters={"job": job},
                               timeout=0)
     api = os.environ["PREFECT_API_URL"]
+    # The stack's API takes only its own credentials (auth is on by default).
+    signed = {"Authorization": "Basic " + base64.b64encode(
+        os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()}
 
-    def call(path: str, body: dict | None = None, method: str = "POST") -> tuple[int, object]:
+    def call(path: str, body: dict | None = None, method: str = "POST",
+             headers: dict = signed) -> tuple[int, object]:
         request = urllib.request.Request(
-            f"{api}{path}", method=method, headers={"Content-Type": "application/json"},
+            f"{api}{path}", method=method, headers={"Content-Type": "application/json",
+                                                    **headers},
             data=None if body is None else json.dumps(body).encode())
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -169,8 +175,9 @@ def test_a_burst_of_run_creations_and_reads_during_a_training_gets_no_5xx(stack)
         except urllib.error.HTTPError as e:
             return e.code, None
 
-    status, deployment = call("/deployments/name/score-competition/score-competition",
-                              method="GET")
+    path = "/deployments/name/score-competition/score-competition"
+    assert call(path, method="GET", headers={})[0] == 401
+    status, deployment = call(path, method="GET")
     assert status == 200
     # Scheduled for tomorrow, so that no worker runs them; deleted at the end.
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()

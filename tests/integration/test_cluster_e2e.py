@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import stack_pids
+from tests.conftest import stack_browser_page, stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -266,10 +266,7 @@ def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained)
     prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
     mlflow_ui = os.environ["MLFLOW_TRACKING_URI"]
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        browser, page = stack_browser_page(p, os.environ)
         page.goto(f"{prefect_ui}/runs/flow-run/{run.id}")
         page.get_by_text("Completed").first.wait_for(timeout=60_000)
         page.screenshot(path=OUTPUT / "prefect-flow-run.png")

@@ -111,8 +111,9 @@ def _stop(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def stack(stack_state_dir: Callable[[], Path]) -> Iterator[Stack]:
-    """A stack with two CPU-slot workers on the gpu pool (and one on the cpu pool)."""
-    started = _start(stack_state_dir(), "--workers", "2")
+    """A stack with two CPU-slot workers on the gpu pool (and one on the cpu pool), auth
+    off until test_auth_refuses_requests_without_credentials turns it on."""
+    started = _start(stack_state_dir(), "--workers", "2", "--no-auth")
     try:
         yield started
     finally:
@@ -170,8 +171,27 @@ def test_up_starts_every_service_on_loopback_and_status_reports_them_healthy(sta
         assert _listening(port) and set(_listening(port)) == {"0100007F"}, (name, port)
     assert sum(li.startswith("worker.") and li.endswith("ok")
                for li in status.stdout.splitlines()) == 3  # two gpu slots, one cpu worker
-    # The database cluster is its owner's alone.
-    assert stat.S_IMODE((stack.root / "postgres").stat().st_mode) == 0o700
+    # Data and logs are their owner's alone; others may only pass through the stack's
+    # folder (PostgreSQL's user must, when the stack runs as root).
+    for private in ("postgres", "s3", "logs", "prefect", "supervisor"):
+        assert stat.S_IMODE((stack.root / private).stat().st_mode) == 0o700, private
+    assert stat.S_IMODE(stack.root.stat().st_mode) == 0o711
+    assert "warning: auth is off" in stack.up.stderr
+
+
+def test_a_foreign_host_header_is_refused_by_prefect_and_mlflow(stack: Stack):
+    """What a web page gets through DNS rebinding: its own name in the Host header."""
+    ports = stack.config["ports"]
+    for url, refused in [
+            (f"http://127.0.0.1:{ports['prefect']}/api/work_pools/gpu", 400),
+            (f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/experiments/search"
+             "?max_results=1", 403)]:
+        request = urllib.request.Request(url, headers={"Host": "attacker.example"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10)
+        assert answer.value.code == refused, url
+        with urllib.request.urlopen(url, timeout=10) as response:  # its own name
+            assert response.status == 200
 
 
 def test_env_file_points_clients_at_the_stack_and_is_private(stack: Stack):

@@ -18,6 +18,8 @@ from uuid import UUID
 
 import pytest
 
+from tests.conftest import stack_browser_page
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,10 +137,7 @@ def test_a_custom_run_filled_in_the_prefect_ui_trains_and_registers_a_version(st
         deployment = client.read_deployment_by_name("train-resnets/train-resnets")
     prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        browser, page = stack_browser_page(p, os.environ)
         page.set_default_timeout(UI_TIMEOUT_MS)
         try:
             run_id, ui_base = _submit_custom_run(page, prefect_ui, deployment.id)
