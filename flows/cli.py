@@ -1,20 +1,7 @@
-"""`cifar-pipeline`: the command line.
+"""`cifar-pipeline`: the command line (`cifar-pipeline --help`; README, The command line).
 
-    cifar-pipeline run [--profile auto|smoke|quick|full] [--competition-file F] [--json]
-    cifar-pipeline train [--variants deep,light] [--recipe fast] [--epochs N] ... [--json]
-    cifar-pipeline score --input F [--model-uri models:/cifar10-resnet@champion] [--json]
-    cifar-pipeline predict IMAGE|FOLDER|PICKLE... [--model-uri URI] [--json]
-    cifar-pipeline models [--compare] [--json]
-    cifar-pipeline serve [--model-uri URI] [--host H] [--port P]
-    cifar-pipeline stack up|down|status [--workers N] [--cpu-slots] [--no-deploy] [--auth]
-    cifar-pipeline completion bash|zsh
-
-Exit status (README): 0 done; 1 bad input or a (partial) failure; 2 usage; 130, 143 an
-interrupt. Progress bars go to stderr, on a terminal only; --json prints one JSON document.
-
-Every command takes --state-dir (default ./.pipeline), before or after the command's
-name: the home of the embedded defaults, the MLflow database and artifacts, the local
-object store, and Prefect's database.
+Exit status: 0 done; 1 bad input or a (partial) failure; 2 usage; 130, 143 an interrupt.
+Every command takes --state-dir, before or after the command's name.
 """
 
 from __future__ import annotations
@@ -100,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     from flows import interrupts
     from tasks.settings import Settings, remove_stray_sqlite_dir
 
-    def tidy() -> None:
-        remove_stray_sqlite_dir(Settings.from_env().tracking_uri)
-
     resume = (interrupts.resume_command(argv, state, args.run_key)
               if getattr(args, "run_key", None) else None)
     server: list = []  # the embedded Prefect server, stopped at exit
@@ -137,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
             return 1
         finally:
-            tidy()
+            remove_stray_sqlite_dir(Settings.from_env().tracking_uri)
 
 
 def _error_message(exc: BaseException, resume: str | None) -> str | None:
@@ -198,8 +182,6 @@ def cmd_run(args) -> int:
 
 def check_seeds(args) -> None:
     """A repeated seed would train the same job twice: refused before anything starts."""
-    from model.config import ConfigError
-
     seeds = args.seeds or []
     if repeated := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))} repeats "
@@ -221,18 +203,14 @@ def cmd_train(args) -> int:
 
 
 def check_score_input(args) -> None:
-    """The competition file, read and checked in about a second (torch, mlflow and
-    prefect unimported): bad input is refused before anything slow starts. Raises
-    InvalidInputError. `score`'s `precheck`."""
+    """`score`'s precheck: the competition file, read and checked in about a second, before
+    Prefect starts (tens of seconds); the flow reads and checks it again."""
     from model.data import read_competition_pickle
 
     read_competition_pickle(args.input)
 
 
 def cmd_score(args) -> int:
-    # Before the flow starts Prefect (and, without a server, its temporary API: tens of
-    # seconds). The flow reads and checks the file again.
-    check_score_input(args)
     from flows.score import ScoreConfig, score
     from flows.summary import print_json
     from tasks.progress import terminal_bars

@@ -1,10 +1,6 @@
-"""The flows' forms and the command line's options, built from the model's config fields.
-
-`model/config.py` declares each option once (type, default, bounds, help line). Here the
-same fields become pydantic forms, which the Prefect UI renders and which reject bad
-values before any work starts, and argparse options for `cifar-pipeline train`. A new
-training option therefore reaches the CLI, the Prefect form, the MLflow params and the
-model config from one field.
+"""The flows' forms and the command line's options, built from the model's config fields
+(model/config.py declares each option once), so a new training option reaches the CLI,
+the Prefect form, the MLflow params and the model config from one field.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """`cifar-pipeline predict`: classify image files, folders of them, or a competition pickle
-with a registered model, and say which inputs could not be read.
-
-Every input is read and checked before the model is loaded: a typo costs no model
-download. A file that cannot be read is reported and skipped; the others are still
-classified, and the exit status says that some failed. Images of any size are made 32x32
-as model/images.py describes.
+with a registered model. Every input is read before the model is loaded, so a typo costs
+no download; an unreadable file is reported and skipped, and the exit status says so.
 """
 
 from __future__ import annotations

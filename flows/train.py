@@ -1,9 +1,5 @@
 """The training flow: prepare data, train each variant and seed, promote, optionally score.
-
-Its form, `TrainResnetsConfig`, lives in flows/config.py with the other forms.
-
-Jobs run in this process (one after another on one device, side by side when several
-GPUs are visible), or as child flow runs on the GPU work pool (tasks/dispatch.py).
+Jobs run in this process, or as child flow runs on the GPU work pool (tasks/dispatch.py).
 """
 
 from __future__ import annotations

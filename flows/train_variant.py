@@ -1,10 +1,8 @@
 """The child flow: train one variant and seed on whichever worker picks it up.
 
-The parent flow starts it on the `gpu` work pool with `run_deployment`, one per variant and
-seed (tasks/dispatch.py). It loads the data source the parent names (workers share nothing
-but object storage and MLflow) and fails if it decodes to other data than the parent's. It
-leaves its result in object storage, where a retry or a rerun with the same run key finds
-the checkpoint to resume from, or the registered version to return.
+It loads the data source the parent names (workers share nothing but object storage and
+MLflow) and fails on data other than the parent's; a retry finds its checkpoint in object
+storage.
 """
 
 from __future__ import annotations

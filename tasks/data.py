@@ -35,9 +35,8 @@ class DataMismatchError(InvalidInputError):
 
 @task(name="load-data", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)
 def load_data(settings: Settings, data: DataConfig, digest: str | None = None) -> Dataset:
-    """Load and split the configured data. A transient object-store error is retried (the
-    scoring writes' policy); a missing object or bad data is not. `digest`: what the parent
-    run decoded from the same source; data with another digest fails the job."""
+    """Load and split the configured data; with `digest` (what the parent run decoded),
+    data that decodes to another digest fails the job."""
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
@@ -68,9 +67,8 @@ def load_data(settings: Settings, data: DataConfig, digest: str | None = None) -
 
 
 class StoreCache:
-    """Decoded arrays in object storage, under `cache/decoded/<source digest>.npz`: each
-    Kubernetes Job or worker machine fetches what another one decoded instead of decoding
-    the source again. Entries are used only against `digest` (model.data.SharedCache)."""
+    """Decoded arrays in object storage (`cache/decoded/`), so a worker fetches what another
+    decoded instead of decoding the source again (model.data.SharedCache)."""
 
     PREFIX = "cache/decoded"
 

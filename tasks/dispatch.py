@@ -1,11 +1,8 @@
 """Pool dispatch: one child `train-variant` flow run per job on the GPU work pool.
 
-Children report through object storage (registered.json), so the parent needs no shared
-result storage with the workers. Each child is created with an idempotency key built from
-the run key and the job, so a retried or rerun parent attaches to the children it already
-started instead of starting a second set. The wait has two deadlines: when none of the
-children has run, started or ended for `start_timeout_seconds`, the parent fails (and
-its children are cancelled), and so does a wait longer than `timeout_seconds`.
+Children report through object storage (registered.json), so the parent needs no result
+storage shared with the workers; idempotency keys and the two deadlines are described in
+the README (Run on a GPU cluster).
 """
 
 from __future__ import annotations
@@ -49,8 +46,7 @@ def idempotency_key(job: VariantJob) -> str:
 
 
 def run_tags(job: VariantJob) -> list[str]:
-    """Run tags for the UI's filters and the pools' automations (the deployment adds its
-    own, `gpu` among them)."""
+    """Run tags for the UI's filters and the pools' automations."""
     t = job.training
     return [f"variant:{t.variant}", f"recipe:{t.recipe}", f"seed:{t.seed}", "gpu"]
 
@@ -91,10 +87,8 @@ def run_on_pool(jobs: list[VariantJob], options: PoolOptions, settings: Settings
 
 
 def _wait(client, children, pool: str, options: PoolOptions, logger) -> dict:
-    """Poll the children until all have ended. The start deadline is a stall clock: it
-    runs only while none of them runs, from the last time one started or ended, so
-    children that queue behind their siblings (the pool's concurrency limit: more jobs
-    than GPUs) wait as long as the siblings make progress."""
+    """Poll the children until all have ended. The start deadline is a stall clock, running
+    only while none of them runs, so children queued behind their siblings wait."""
     started_at = progress_at = time.monotonic()
     states, running, progress = {}, set(), Tracker("jobs done", len(children), key="jobs")
     while len(states) < len(children):

@@ -31,7 +31,9 @@ class Monitor:
             pynvml.nvmlInit()
             index = self.device.index if self.device.index is not None else 0
             uuid = str(torch.cuda.get_device_properties(index).uuid)
-            self.handle = pynvml.nvmlDeviceGetHandleByUUID(_nvml_uuid(uuid))
+            # torch prints a bare UUID; NVML wants it with its "GPU-" prefix.
+            uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
             self.nvml = pynvml
         except Exception as exc:  # no driver library, an old driver: metrics are optional
             log.warning("no GPU metrics for %s: %s: %s", self.device, type(exc).__name__, exc)
@@ -50,8 +52,3 @@ class Monitor:
             "gpu/memory_used_gib": memory.used / 2**30,
             "gpu/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
         }
-
-
-def _nvml_uuid(torch_uuid: str) -> str:
-    """torch prints a bare UUID; NVML wants it with its "GPU-" prefix."""
-    return torch_uuid if torch_uuid.startswith("GPU-") else f"GPU-{torch_uuid}"

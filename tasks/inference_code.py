@@ -1,14 +1,10 @@
 """The inference code a logged model carries: a copy of the modules of model/ that build
-the network, load its weights and predict, made when the model is logged.
+the network, load its weights and predict, so a registered model loads where this project
+is not installed.
 
-A registered model must load where this project is not installed, so the code travels
-with it. The copies form a package named `cifar10_resnet_inference`, their imports of
-`model.*` rewritten as relative imports; the pyfunc file imports that package from its
-directory under a fresh module name. No lookup by a top-level name is left, so neither
-sys.path nor a user's own `model.py` or `model/` in the working directory can stand in.
-
-Only modules that the prediction path imports are copied, and their module-level imports
-must be the standard library, torch or numpy: the logged model's pip requirements.
+The copies form the package `cifar10_resnet_inference`, their `model.*` imports made
+relative, so neither sys.path nor a user's own `model/` can stand in. Their module-level
+imports must be the standard library, torch or numpy: the logged model's requirements.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Per-epoch metrics to MLflow from a background thread.
-
-Training must not stop, or even slow down, because the tracking server is restarting: the
-epoch loop hands its metrics to `MetricSink.log` and goes on. A sender thread delivers them
-in order, keeps what it could not send, and retries with backoff. `flush` waits for the
-backlog; if the server stays away past its deadline, it raises `TrackingUnavailableError`
-naming how much was not delivered, before anything is registered.
+"""Per-epoch metrics to MLflow from a background thread, so that training never waits on a
+restarting tracking server: a sender thread delivers them in order and retries with
+backoff; `flush` raises `TrackingUnavailableError` if the backlog outlives its deadline.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """The model card: the Markdown descriptions of the registered model and of each version,
-which the MLflow UI shows on their pages, and the Prefect flow run behind a version.
-
-A card is written once, at registration, from what the training job knows then: the
-config, the data, the final metrics, and where it ran. Every field it lacks is left out
-rather than guessed.
+which the MLflow UI shows on their pages. Written once, at registration; a field that is
+not known then is left out rather than guessed.
 """
 
 from __future__ import annotations
@@ -125,11 +122,9 @@ def prefect_flow_run() -> tuple[str | None, str | None]:
     """(id, UI URL) of the Prefect flow run this code runs in; (None, None) outside one.
     The URL only where a Prefect server is known (PREFECT_UI_URL or PREFECT_API_URL): an
     ephemeral API's pages are gone when its process ends."""
-    try:
-        from prefect.runtime import flow_run
-        from prefect.settings import get_current_settings
-    except ImportError:
-        return None, None
+    from prefect.runtime import flow_run
+    from prefect.settings import get_current_settings
+
     run_id = flow_run.id
     if not run_id:
         return None, None

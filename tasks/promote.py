@@ -1,9 +1,6 @@
-"""The promote task: move `champion` to the best new version, if it beats the old one on
-the same validation images, point `deep` and `light` at the newest of each, and publish
-the comparison as Prefect artifacts.
-
-`compare` is the decision, a pure function of the candidates and the champion; `decide`
-reads the champion from the registry for it, and `promote` writes the outcome back."""
+"""The promote task: move `champion` to the best new version if it beats the old one on the
+same validation images, point `deep` and `light` at the newest of each, and publish the
+comparison. `compare` is the decision, a pure function; `promote` writes it back."""
 
 from __future__ import annotations
 

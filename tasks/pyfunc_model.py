@@ -1,19 +1,11 @@
 """The MLflow pyfunc flavour of a registered network, logged as code, not as a pickle.
 
-MLflow stores this file with every model version ("models from code"), next to two
-artifacts: `weights` (a state_dict) and `inference_code`, the `cifar10_resnet_inference`
-package copied from model/ when the model was logged (tasks/inference_code.py). Loading a
-version runs this file and `load_context`, which imports that package from its directory
-under a fresh module name (never through sys.path, so this project need not be installed
-and a user's `model.py` is never picked up), rebuilds the network from its `variant` and
-loads the state_dict with `weights_only=True` after checking the sha256 recorded at
-registration. Nothing from the artifact store is ever unpickled.
-
-    model = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
-    probabilities = model.predict(images_uint8)  # (N, 32, 32, 3) -> (N, 10) float32
-
-Bad input raises an MlflowException with INVALID_PARAMETER_VALUE, which `mlflow models
-serve` answers with HTTP 400 and the message.
+`load_context` imports the `inference_code` artifact (tasks/inference_code.py) under a
+fresh module name, never through sys.path, so this project need not be installed and a
+user's `model.py` is never picked up; it loads the `weights` state_dict with
+`weights_only=True` after checking its sha256. Nothing from the artifact store is
+unpickled. Bad input raises INVALID_PARAMETER_VALUE, which the scoring server answers
+with HTTP 400.
 """
 
 from __future__ import annotations

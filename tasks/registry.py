@@ -1,11 +1,6 @@
 """The MLflow model registry: register a trained network, resolve and load a model URI,
-and move the `champion`, `deep` and `light` aliases.
-
-A version's weights are a plain state_dict file (`weights.pt`) whose sha256 is recorded
-in the version's tags and in the pyfunc model config when it is registered; every load
-checks it and uses `torch.load(weights_only=True)`. The logged model carries its own
-inference code (tasks/inference_code.py), so it loads and serves without this project,
-and its version's description is its model card (tasks/model_card.py).
+and move the `champion`, `deep` and `light` aliases. A version's weights are a state_dict
+whose sha256, recorded at registration, every load checks.
 """
 
 from __future__ import annotations
@@ -77,14 +72,9 @@ def register(
     config: Mapping[str, Any] | None = None,
     data: Dataset | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log `network` to the active MLflow run as a pyfunc model and register a new version.
-
-    `tags` (recipe, data digest, validation accuracy...) are set on the version along with
-    `variant`, `weights_sha256` and the Prefect flow run, if any. The version's description
-    is its model card, from `metrics` (the final metrics, also attached to the logged
-    model), `config` (the training config as a dict) and `data`. Raises RegistrationError
-    when the tracking server cannot be reached.
-    """
+    """Log `network` to the active MLflow run as a pyfunc model and register a new version,
+    tagged with `tags`, `variant`, `weights_sha256` and the Prefect flow run, its model card
+    as description. Raises RegistrationError when the tracking server cannot be reached."""
     try:
         return _register(network, variant=variant, tags=tags, tta=tta, name=name,
                          metrics=dict(metrics or {}), config=dict(config or {}), data=data)

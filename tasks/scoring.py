@@ -1,14 +1,10 @@
 """The scoring tasks: read the competition file, resolve the model, find a stored result or
 predict, write the predictions with their manifest, and record the scoring in MLflow.
 
-A result lives under `<output>/<model>-v<version>/<input>-<weights>-<run>-<views>/`
-(`result_prefix`): `predictions.csv` (ID,Labels), `predictions.parquet` (id, label, class
-name, 10 probabilities), and `manifest.json`, written last, which names what the others
-are. Version numbers repeat when a registry is reset or a new tracking database points at
-the same store, so the key names the model by its weights' sha256 and the run that made
-them, and a stored manifest is reused only when its run, weights, input and views are this
-scoring's. Manifests name their files by key, relative to the store, so a store (a state
-directory, a bucket) can move; reports resolve the keys to URIs.
+A result lives under `result_prefix`: the CSV, the Parquet and `manifest.json`, written
+last. Version numbers repeat when a registry is reset, so the key names the model by its
+weights' sha256 and run, and a stored manifest is reused only when it matches. Manifests
+name their files by key, relative to the store, so a store can move.
 """
 
 from __future__ import annotations
@@ -56,8 +52,7 @@ class CompetitionInput:
 
 @dataclass(frozen=True)
 class ScoredModel:
-    """A registry version as scoring sees it. `run_id` and `weights_sha256` identify the
-    model; `name` and `version` only label it."""
+    """A registry version: `run_id` and `weights_sha256` identify it, the rest labels it."""
 
     name: str
     version: str
@@ -87,9 +82,8 @@ def competition_input(configured: str | None, settings: Settings) -> str:
 
 
 def result_prefix(root: str, model: ScoredModel, input_digest: str, tta: bool) -> str:
-    """The key of a result: everything that changes the predictions is in it (the input,
-    the weights, and whether each image is averaged with its mirror image), and the run
-    that made the weights, so a model never finds another's result under its key."""
+    """The key of a result: everything that changes the predictions (input, weights, TTA)
+    and the run that made the weights, so a model never finds another's result there."""
     views = "tta" if tta else "no-tta"
     leaf = f"{input_digest[:16]}-{model.weights_sha256[:12]}-{model.run_id[:8]}-{views}"
     return f"{root}{model.name}-v{model.version}/{leaf}"
@@ -98,8 +92,7 @@ def result_prefix(root: str, model: ScoredModel, input_digest: str, tta: bool) -
 def check_reusable(manifest: dict, model: ScoredModel, input_digest: str, tta: bool,
                    where: str) -> dict:
     """`manifest` if it describes this model's predictions of this input; otherwise
-    ResultMismatchError, since reporting it would pass another model's predictions off
-    as this one's."""
+    ResultMismatchError, rather than pass another model's predictions off as these."""
     expected = {"model_run_id": model.run_id, "weights_sha256": model.weights_sha256,
                 "input_digest": input_digest, "tta": tta}
     differs = {k: v for k, v in expected.items() if manifest.get(k) != v}
@@ -202,13 +195,11 @@ def describe_result(prefix: str, files: dict[str, bytes], model: ScoredModel, mo
 def write_predictions(store: ObjectStore, prefix: str, files: dict[str, bytes], manifest: dict,
                       model: ScoredModel) -> tuple[dict, bool]:
     """Data objects first, the manifest last, each only if absent: a reader that sees the
-    manifest sees complete data; of two runs scoring the same model and input at once,
-    the first writer of each key wins, and a late run cannot overwrite data that a stored
-    manifest describes. Returns (the stored manifest, whether it is this run's).
+    manifest sees complete data, and the first writer of each key wins. Returns (the
+    stored manifest, whether it is this run's).
 
-    A data object already there is a complete copy of the same result (puts are atomic)
-    from a concurrent run or an earlier try. Its bytes may differ from ours in the last
-    bits of a probability (another device), so the manifest describes what is stored."""
+    A data object already there may differ from ours in the last bits of a probability
+    (another device), so the manifest describes what is stored."""
     entries = dict(manifest["files"])
     for name, payload in files.items():
         try:
@@ -251,8 +242,7 @@ def log_scoring(result: dict, predictions: Predictions) -> None:
 
 
 def scoring_result(store: ObjectStore, prefix: str, manifest: dict, *, reused: bool) -> dict:
-    """What the flow returns: the manifest with each file's URI in this store, where the
-    manifest is, and whether the result was already there."""
+    """What the flow returns: the manifest plus URIs, and whether it was already there."""
     files = {name: {**entry, "uri": store.uri(entry["key"])}
              for name, entry in manifest["files"].items()}
     return {**manifest, "files": files, "manifest_uri": store.uri(f"{prefix}/{MANIFEST}"),

@@ -1,22 +1,7 @@
 """Where the pipeline keeps its state, from the environment, with embedded defaults.
 
-With nothing set, everything lives under `./.pipeline/`: the MLflow SQLite database and
-artifacts, the local object store, the decoded-data cache and Prefect's own database. On a
-cluster the same variables point at shared services instead.
-
-| variable | default | meaning |
-|---|---|---|
-| CIFAR_STATE_DIR | ./.pipeline | root of every embedded default |
-| MLFLOW_TRACKING_URI | sqlite:///<state>/mlflow.db | tracking + registry |
-| CIFAR_ARTIFACT_ROOT | <state>/mlartifacts | where a local MLflow store puts artifacts |
-| CIFAR_OBJECT_STORE | file://<state>/objects | predictions, checkpoints; or s3://bucket/prefix |
-| CIFAR10_SOURCE | torchvision's download | the training data |
-| CIFAR10_CACHE_DIR | <state>/cache | decoded-array cache |
-| CIFAR_COMPETITION_FILE | none | default input of the scoring flow |
-| CIFAR_METRICS_FLUSH_SECONDS | 300 | how long a finished run waits for MLflow to take its metrics |
-| MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING | true | CPU, memory and GPU use of each training run |
-| CIFAR_TRACKING_TIMEOUT_SECONDS | 30 | the wait for a tracking server; bounds every MLflow call |
-| CIFAR_MIN_FREE_MB | 256 | free space the state directory needs before a command starts |
+With nothing set, everything lives under `./.pipeline/`; on a cluster the variables
+(README, Configuration) point at shared services instead.
 """
 
 from __future__ import annotations
@@ -225,13 +210,9 @@ def check_socks_support() -> None:
                               f"only with socksio: pip install 'httpx[socks]', or unset {name}")
 
 
-def tracking_timeout() -> float:
-    return float(os.environ.get("CIFAR_TRACKING_TIMEOUT_SECONDS") or 30)
-
-
-def check_tracking_server(uri: str, timeout: float | None = None) -> None:
-    """Wait up to `timeout` seconds for an HTTP tracking server to answer, then raise
-    TrackingUnavailableError naming it. MLflow's own client would retry for minutes
+def check_tracking_server(uri: str) -> None:
+    """Wait up to CIFAR_TRACKING_TIMEOUT_SECONDS for an HTTP tracking server to answer, then
+    raise TrackingUnavailableError naming it. MLflow's own client would retry for minutes
     (120 s read timeouts, seven retries with backoff) before a raw traceback."""
     import socket
     import urllib.error
@@ -242,7 +223,7 @@ def check_tracking_server(uri: str, timeout: float | None = None) -> None:
 
     if not uri.startswith(("http://", "https://")):
         return
-    timeout = tracking_timeout() if timeout is None else timeout
+    timeout = float(os.environ.get("CIFAR_TRACKING_TIMEOUT_SECONDS") or 30)
     # Every later call too: a server that answers this probe and never its API would
     # otherwise hold one for minutes. A quarter of the budget per try, two retries 1 s
     # apart: within the budget in all. What the environment sets is kept.

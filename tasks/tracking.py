@@ -1,16 +1,10 @@
 """MLflow runs that end without hiding why they ended, and never stay RUNNING.
 
-`mlflow.start_run` used as a context manager records the run's end on the tracking server
-when the block exits. If the block failed because that server is unreachable, recording
-the end fails too, and its exception replaces the one that says what went wrong.
-`tracked_run` keeps the original error and only warns that the run's status could not be
-recorded (the run then reads RUNNING until someone ends it).
-
-A run that fails also drops the models it had started to log and not finished (status
-PENDING or FAILED): a disk that filled up, or a Ctrl-C, in the middle of `log_model` must
-not leave a truncated weights file behind that looks like a model. An interrupt (Ctrl-C,
-SIGTERM) ends the run KILLED rather than FAILED. The runs open in this process are
-listed, so that a command forced to exit can still end them (`end_open_runs`).
+If a block inside `mlflow.start_run` fails because the tracking server is unreachable,
+recording the run's end fails too and its exception replaces the one that says what went
+wrong; `tracked_run` keeps the original error and only warns. A failed run also drops the
+models it had not finished logging, so a truncated weights file never looks like a model.
+An interrupt ends the run KILLED; `end_open_runs` ends what a forced exit left open.
 """
 
 from __future__ import annotations
@@ -56,16 +50,14 @@ def tracked_run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
-def discard_unfinished_models(run: mlflow.ActiveRun) -> list[str]:
-    """Delete the models `run` began to log and did not finish, with their files; return
-    their ids. A model is finished (READY) once all its files were written. The run's
-    models are known in memory (`log_model` records them there), so a run that logged
-    none costs no request to a tracking server that may be the reason it failed."""
+def discard_unfinished_models(run: mlflow.ActiveRun) -> None:
+    """Delete the models `run` began to log and did not finish (not READY), with their
+    files. The run's models are known in memory, so a run that logged none costs no
+    request to a tracking server that may be the reason it failed."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     outputs = run.outputs.model_outputs if run.outputs else []
     client = mlflow.MlflowClient()
-    dropped = []
     for output in outputs:
         model = client.get_logged_model(output.model_id)
         if model.status == LoggedModelStatus.READY:
@@ -77,25 +69,20 @@ def discard_unfinished_models(run: mlflow.ActiveRun) -> list[str]:
                 log.warning("could not delete the files of unfinished model %s: %s",
                             model.model_id, exc)
         client.delete_logged_model(model.model_id)
-        dropped.append(model.model_id)
-    return dropped
 
 
-def end_open_runs(status: str = "KILLED") -> list[str]:
+def end_open_runs(status: str = "KILLED") -> None:
     """End every run that `tracked_run` opened in this process and has not ended: for a
-    command that must exit before its own code could end them. Returns their ids."""
+    command that must exit before its own code could end them."""
     with _open_lock:
         runs = dict(_open_runs)
-    ended = []
     for run_id, uri in runs.items():
         try:
             client = mlflow.MlflowClient(tracking_uri=uri)
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, status)
-                ended.append(run_id)
         except Exception as exc:
             log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
-    return ended
 
 
 def run_links(info, artifact: str) -> tuple[str, str]:

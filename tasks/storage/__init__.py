@@ -1,9 +1,6 @@
-"""Object storage behind one small interface: a local directory or any S3 endpoint.
-
-Flows write predictions, manifests and checkpoints through `ObjectStore`, so the same
-code runs against the embedded default (`LocalStore`, a directory: `local.py`) and a
-cluster's S3-compatible service (`S3Store`: `s3.py`). `base.py` holds the interface and the
-key grammar, `errors.py` what they raise; `open_store` here picks a backend from a URI.
+"""Object storage behind one small interface: a local directory (`LocalStore`) or any S3
+endpoint (`S3Store`), so the same code runs embedded and on a cluster. `open_store` picks
+the backend from a URI.
 """
 
 from __future__ import annotations

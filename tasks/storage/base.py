@@ -1,9 +1,7 @@
 """The object-store interface, the key grammar, and how a URI or path names a store.
 
-Both backends share one key grammar (relative, '/'-separated, no '.', '..' or empty
-segments, no backslashes) so a key that works locally works on S3 and cannot escape a
-local root. Writes are atomic: a reader sees the old object, the new one, or none,
-never a partial one.
+One key grammar for both backends, so a key that works locally works on S3 and cannot
+escape a local root. Writes are atomic: a reader never sees a partial object.
 """
 
 from __future__ import annotations

@@ -47,26 +47,15 @@ def _redact(url: str) -> str:
 class S3Store(ObjectStore):
     """Objects under `s3://bucket/prefix` on AWS or any S3-compatible endpoint.
 
-    Transport retries are botocore's "standard" mode (bounded by `max_attempts`, with
-    backoff, on throttling, 5xx and connection errors); what is left after them is
-    raised as StorageError. Every put carries a SHA-256 checksum, which AWS checks
-    against the bytes it received (moto stores it unchecked), and every get asks for it
-    back so botocore checks the bytes this side received. Endpoints that refuse checksum
-    headers (the GCS interoperability API, R2 and others under boto3 >= 1.36) need
-    `checksums="when_required"`, or AWS_REQUEST_CHECKSUM_CALCULATION=when_required (or
-    `request_checksum_calculation` in the AWS config file) when `checksums` is unset:
-    then puts carry a checksum only where the operation requires one.
+    Transport retries are botocore's "standard" mode, bounded by `max_attempts`; what is
+    left after them is a StorageError. Puts carry a SHA-256 checksum and gets ask for it
+    back, so corruption either way is caught; endpoints that refuse checksum headers (GCS
+    interoperability, R2) need `checksums="when_required"` or the equivalent AWS setting.
 
-    `if_absent=True` sends `If-None-Match: *`. AWS and moto honour it; an endpoint
-    that ignores the header degrades to last-writer-wins, which is harmless where, as in
-    this project, a conditional key is always written with identical content (manifests,
-    content-addressed files). A 409 ConditionalRequestConflict (another conditional write
-    to the key was still in progress) is a plain StorageError, which the tasks' retry
-    policy retries; the retry then finds the key stored (412) or stores it. Conditional
-    puts always go as one PUT (S3 allows up to 5 GiB), because boto3's managed upload does
-    not pass `IfNoneMatch` through.
-
-    The boto3 client is built on first use and dropped when pickled, so a store can be
+    `if_absent=True` sends `If-None-Match: *`. An endpoint that ignores it degrades to
+    last-writer-wins, harmless here since a conditional key is always written with
+    identical content. Conditional puts always go as one PUT: boto3's managed upload does
+    not pass `IfNoneMatch` through. The client is dropped when pickled, so a store can be
     handed to Prefect tasks in other processes.
     """
 
