@@ -66,19 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "run_key", None) is not None and not re.fullmatch(RUN_KEY, args.run_key):
             raise ConfigError(f"--run-key {args.run_key!r} is not a run key: {RUN_KEY_RULE}")
         state = _configure_environment(args.state_dir, args.command)
+        if args.command == "stack":
+            # Only starts a script: spare it the seconds of importing torch and mlflow below.
+            return cmd_stack(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     import logging
 
     logging.getLogger("model").setLevel(logging.INFO)  # batch progress of slow epochs
-    if args.command == "stack":
-        # Only starts a script: spare it the seconds of importing torch and mlflow below.
-        try:
-            return cmd_stack(args)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     if getattr(args, "run_key", False) is None:
         # Known from the start, so that an interrupt or a failure can say how to resume.
         import uuid

@@ -1,8 +1,5 @@
-"""Decode, split and cache a dataset ahead of training, and record what it holds.
-
-Run it on a worker before a sweep so that every job on that machine finds the decoded
-arrays in its cache.
-"""
+"""Decode, split and cache a dataset ahead of training (on a worker before a sweep, so its
+jobs find the decoded arrays), and record what it holds."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The scoring flow: a registered model predicts the competition file; the predictions go
-to object storage. The tasks, and the layout of what they store, are in tasks/scoring.py.
-
-Rerunning the same model on the same input finds the stored manifest and writes nothing.
-"""
+"""The scoring flow: a registered model predicts the competition file into object storage
+(tasks/scoring.py); rerunning it on the same input finds the stored result."""
 
 from __future__ import annotations
 

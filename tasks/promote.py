@@ -55,8 +55,6 @@ def promote(results: list[VariantResult], data: Dataset, settings: Settings) -> 
 
 @dataclass(frozen=True)
 class Champion:
-    """The current champion, as the comparison needs it."""
-
     version: str
     val_acc: float  # on the validation images compared on; NaN when unknown
 

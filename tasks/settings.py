@@ -111,10 +111,8 @@ class StateDirError(UserError, ValueError):
 
 
 def check_state_dir(state: Path, writable: bool = True) -> None:
-    """Refuse, in milliseconds and naming the cause, a state directory that Prefect and
-    MLflow would otherwise fail on after minutes of retries: a file, a directory that
-    cannot be written, or a disk without room for the databases and checkpoints. A
-    command that only reads (not `writable`) needs an existing directory, nothing more."""
+    """Refuse in milliseconds, naming the cause, a state directory that Prefect and MLflow
+    would fail on after minutes of retries: a file, unwritable (when `writable`), or full."""
     if state.exists() and not state.is_dir():
         raise StateDirError(f"the state directory {state} is a file: pass --state-dir a "
                             "directory (it is created if missing)")

@@ -4,8 +4,7 @@ from model.errors import UserError
 
 
 class StorageError(UserError, RuntimeError):
-    """Storage failed after bounded retries; the message names the endpoint, bucket or
-    key and what to check (credentials, bucket exists, endpoint reachable)."""
+    """Storage failed after bounded retries; the message says what to check."""
 
 
 class ObjectExistsError(StorageError):

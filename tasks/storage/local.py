@@ -17,11 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalStore(ObjectStore):
-    """A local directory. `content_type` is accepted and ignored.
-
-    A key cannot be both an object and a prefix of other keys here (a file cannot also
-    be a directory), unlike on S3; the project's key layouts never need that.
-    """
+    """A local directory; `content_type` is ignored. Unlike on S3, a key cannot be both an
+    object and a prefix of other keys (the project's key layouts never need that)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser().resolve()
