@@ -1,15 +1,11 @@
-"""Image augmentation: batched on-device pipelines, and the report's PIL pipeline.
+"""Batched on-device image augmentation (the report's per-image PIL pipeline is in
+model/reference_pipeline.py).
 
-The batched functions take NCHW images, uint8 (0..255) or float (0..1), on any device, and
-return a new tensor of the same dtype and device; they never write into their input. Random
-parameters are drawn per image, in one or two batched calls, from `generator` (a
-`torch.Generator` on the images' device, or None for that device's global RNG), so one seed
-gives bit-identical output, and nothing reads a value back to the host: on a GPU the whole
-pipeline queues without a sync. Each pipeline is a few dozen batched ops whatever the batch
-size, since on a GPU their launches, not their arithmetic, set the cost.
-
-The report's per-image torchvision pipeline for the `reference` recipe lives in
-model/reference_pipeline.py.
+Every function takes NCHW images, uint8 (0..255) or float (0..1), on any device, and returns
+a new tensor of the same dtype and device. Random parameters are drawn per image, in batched
+calls, from `generator` (on the images' device; None for its global RNG), so one seed gives
+bit-identical output and nothing reads back to the host: on a GPU the pipeline queues without
+a sync, in a few dozen ops whatever the batch size, since there launches set the cost.
 """
 
 from __future__ import annotations
@@ -67,11 +63,8 @@ def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (0..255) or float (0..1) NCHW -> normalized float of `dtype` with the report's
-    mean/std. Used identically by training and prediction.
-
-    Computed in float32 exactly as ToTensor then Normalize would, then cast to `dtype`.
-    """
+    """NCHW images -> the report's mean/std normalization, computed in float32 exactly as
+    ToTensor then Normalize would, then cast to `dtype`. Training and prediction share it."""
     _check_images(x, "normalize", rgb=True)
     mean, std = _constants(x.device)
     return ((_to_unit_float(x) - mean) / std).to(dtype)
@@ -97,13 +90,9 @@ def _draw_flips(x: torch.Tensor, p: float, generator: torch.Generator | None) ->
 def crop_flip_at(
     x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, padding: int
 ) -> torch.Tensor:
-    """Crop each image at given offsets from its zero-padded copy, and mirror it where `flips`.
-
-    `offsets` (N, 2) holds (top, left) of each HxW window in the image padded by `padding` on
-    every side; `flips` (N,) bool, or None for no flips. One gather does both, so a crop and a
-    flip cost a single pass over the batch. This is what crop_flip applies; call it directly
-    to replay known parameters.
-    """
+    """Crop each image at `offsets` (N, 2), the (top, left) of its window in the image
+    zero-padded by `padding`, and mirror it where `flips` (N,) bool (None: no flips). One
+    gather does both; crop_flip applies it, tests call it to replay known parameters."""
     _check_images(x, "crop_flip_at")
     n, c, h, w = x.shape
     if offsets.shape != (n, 2):
@@ -208,8 +197,8 @@ def _jitter_slots(order: tuple[int, ...]) -> list[int]:
 
 @functools.cache
 def _report_constants(device: torch.device, h: int, w: int) -> dict[str, torch.Tensor]:
-    """Every constant the report's pipeline needs for HxW images, built once per device and
-    size: on CUDA a tensor built from Python values is a copy that waits for queued work."""
+    """The report pipeline's constants for HxW images, once per device and size (see
+    _constants for why)."""
     hp, wp = h + 2 * _PAD, w + 2 * _PAD
     max_dx, max_dy = _TRANSLATE * w, _TRANSLATE * h
     # lo + span * u with u uniform in [0, 1). Floored columns shrink their span a hair so that
@@ -387,8 +376,6 @@ def report_augment_at(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def report_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The reference report's per-image pipeline, batched on device: random crop (pad 4),
-    horizontal flip, colour jitter (0.3, 0.3, 0.3, 0.1) in a random order per image, rotation
-    by up to 20 degrees and shift by up to 10%, as torchvision draws and applies them.
-    report_augment_at(x, report_params(x, generator)), in a few dozen batched ops."""
+    """The report's per-image pipeline (see _PAD and its neighbours), batched on device, as
+    torchvision draws and applies it."""
     return report_augment_at(x, report_params(x, generator))

@@ -84,11 +84,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, expected_sha256: str
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- training state -------------------------------------------------------------------------

@@ -1,12 +1,6 @@
-"""Image files as network input: a PNG or JPEG of any size, as one (32, 32, 3) uint8 image.
-
-How an image becomes 32x32, the same for every file:
-1. its EXIF orientation is applied (a phone's portrait photo stands upright);
-2. it is converted to RGB (grayscale and palette images expanded, transparency dropped,
-   16-bit grayscale scaled to 8 bits, not clipped);
-3. the largest centred square is cropped from it (no stretching), and that square is
-   resized to 32x32 with a Lanczos filter (`PIL.ImageOps.fit`). A 32x32 image is kept as
-   it is.
+"""Image files as network input: a PNG or JPEG of any size, as one (32, 32, 3) uint8 image,
+made the way the README's `predict` section describes (EXIF orientation, RGB, centre square,
+Lanczos to 32x32).
 
 Files are untrusted: only the PNG and JPEG decoders see them, and the pixel count in the
 header is checked before anything is decoded, so a small file that declares an enormous
@@ -36,7 +30,7 @@ class ImageFileError(UserError, ValueError):
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """(32, 32, 3) uint8 RGB from the image file at `path`, made as the module says."""
+    """(32, 32, 3) uint8 RGB from the image file at `path`."""
     try:  # non-blocking: opening a FIFO must not wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:

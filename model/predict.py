@@ -115,14 +115,10 @@ def _cpu_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: bo
 
 
 def inference_model(model: nn.Module, device: str | torch.device | None = None) -> nn.Module:
-    """A copy of `model` made for fast evaluation on `device` (default: where `model` is).
-
-    Batch norm is folded into the convolutions (the same logits up to float rounding), and
-    the weights are channels-last, the layout that oneDNN's convolutions on the CPU and
-    cuDNN's tensor-core convolutions on a GPU run fastest in. `model` itself is left as it
-    is. Give the result to `predict(..., fuse=False)` to prepare once and predict many
-    times.
-    """
+    """A copy of `model` for fast evaluation on `device` (default: where `model` is): batch
+    norm folded into the convolutions, weights channels-last (the layout oneDNN on the CPU and
+    cuDNN's tensor cores run fastest in). Give it to `predict(..., fuse=False)` to prepare
+    once and predict many times."""
     if device is None:
         device = next(model.parameters()).device
     device = resolve_device(device)
@@ -149,16 +145,11 @@ def predict(
     precision: str = "fp32",
     fuse: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (N,) int64 and probabilities (N, 10) float32 for (N, 32, 32, 3) uint8 images.
-
-    Runs on `device` (default: where the model's parameters are). Evaluation-mode batch
-    norm makes every image independent of the others, so the result does not depend on
-    `batch_size`, which bounds the images per forward pass (at most `CPU_BATCH` on the
-    CPU, the fastest there). With `fuse` (the default) it predicts with
-    `inference_model(model)`, a faster copy; pass `fuse=False` when `model` already is
-    one. On the CPU, `torch.get_num_threads()` single-threaded streams share the batches.
-    `precision="bf16"` trades a little exactness for speed on a GPU.
-    """
+    """Labels (N,) int64 and probabilities (N, 10) float32 for (N, 32, 32, 3) uint8 images,
+    on `device` (default: where the model is). Evaluation-mode batch norm keeps images
+    independent, so `batch_size` (at most CPU_BATCH on the CPU) bounds each forward pass
+    without changing the result. `fuse=False` when `model` already is an inference_model.
+    On the CPU, torch.get_num_threads() single-threaded streams share the batches."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if batch_size < 1:

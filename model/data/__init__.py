@@ -28,18 +28,7 @@ from model.data.sources import load_arrays
 from model.data.uri import open_uri, read_bytes
 
 __all__ = [
-    "CLASSES",
-    "Dataset",
-    "InvalidInputError",
-    "RawData",
-    "SourceUnavailableError",
-    "Split",
-    "content_digest",
-    "load_arrays",
-    "load_dataset",
-    "open_uri",
-    "read_bytes",
-    "read_competition_pickle",
-    "stratified_split",
-    "write_competition_pickle",
+    "CLASSES", "Dataset", "InvalidInputError", "RawData", "SourceUnavailableError", "Split",
+    "content_digest", "load_arrays", "load_dataset", "open_uri", "read_bytes",
+    "read_competition_pickle", "stratified_split", "write_competition_pickle",
 ]

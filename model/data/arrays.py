@@ -18,16 +18,7 @@ import numpy as np
 from model.errors import UserError
 
 CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
 )
 IMAGE_SHAPE = (32, 32, 3)
 # Error messages quote at most this much of whatever a file holds.

@@ -18,13 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from model.data.arrays import (
-    InvalidInputError,
-    RawData,
-    check_label_range,
-    class_names,
-    clip,
-)
+from model.data.arrays import InvalidInputError, RawData, check_label_range, class_names, clip
 from model.data.unpickle import restricted_loads
 
 BATCH_DIR = "cifar-10-batches-py"
@@ -53,7 +47,7 @@ def _batch_labels(values: Any, n: int, what: str) -> np.ndarray:
         isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values
     ):
         try:
-            labels = np.array(values, dtype=np.int64) if values else np.empty(0, np.int64)
+            labels = np.array(values, dtype=np.int64)
         except OverflowError:
             raise InvalidInputError(f"{what}: b'labels' has a value outside int64") from None
     else:

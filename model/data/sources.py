@@ -192,17 +192,13 @@ def load_arrays(
     source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
     shared: SharedCache | None = None,
 ) -> RawData:
-    """Read a source into arrays, through the local decode cache.
-
-    The cache key is the sha256 of the source's bytes (for a folder, of its batch files in
-    order), so a changed file is decoded again and a renamed or re-downloaded one is not.
-    `cache_dir` defaults to $CIFAR10_CACHE_DIR, else ~/.cache/cifar-pipeline; S3 objects
-    and torchvision's download are kept there too. With a `shared` cache, a local miss is
-    fetched from it before decoding, and what this machine decodes is published to it, so
-    a cluster decodes each source once. A fetched entry is checked like a local one (its
-    content digest is recomputed) and decoded afresh when it does not hold. With a known
-    `shared.digest`, an entry, local or fetched, that holds other data is refused.
-    """
+    """Read a source into arrays through the local decode cache, keyed by the sha256 of the
+    source's bytes (a folder's batch files in order): a changed file is decoded again, a
+    renamed or re-downloaded one is not. `cache_dir` (default $CIFAR10_CACHE_DIR, else
+    ~/.cache/cifar-pipeline) also keeps S3 objects and torchvision's download. A `shared`
+    cache is tried on a local miss and given what this machine decodes, so a cluster decodes
+    each source once; every entry is re-digested, and with `shared.digest` one that holds
+    other data is refused."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:

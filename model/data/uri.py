@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
@@ -176,8 +177,7 @@ def localize(source: str, cache: Path) -> Path:
         return target
     try:
         with s3.open_input_stream(key) as src, atomic_write(target) as dst:
-            while chunk := src.read(_COPY_CHUNK):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
     except OSError as e:
         raise _s3_error(f"cannot copy {source} to {target}", e) from e
     return target
