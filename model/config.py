@@ -227,6 +227,10 @@ class TrainConfig:
     checkpoint_seconds: float = option(
         CHECKPOINT_SECONDS, "write a checkpoint at most this often (and after the last "
         "epoch); 0 = after every epoch", ge=0, finite=True)
+    time_budget_seconds: float | None = option(
+        None, "train for as many epochs as end the whole run (compile and evaluation "
+        "included) within this many seconds, sized on the first epochs' speed; epochs then "
+        "sets only the warm-up", gt=0, le=30 * 86_400, finite=True)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -4,8 +4,8 @@ the data, environment, tables and JSON file of a run."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import logging
 import os
 import platform
 import shlex
@@ -66,33 +66,35 @@ class Row:
     compiled: bool = False  # the step ran compiled
     compile_fallback: bool = False  # compiling was tried and failed: the step ran eager
     eval_seconds: float = 0.0  # per-epoch validation, summed
-    recompiles: int = 0  # torch's `recompiles` log records during the run
+    recompiles: int = 0  # graphs dynamo compiled after the warm-up, in the timed training
     cudagraph_skips: int = 0  # graphs inductor did not capture as CUDA graphs
     # Accuracy goal -> {"epochs", "train_seconds"} when validation first reached it, or None.
     time_to_accuracy: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    batch_size: int = 0
 
 
 def train_config(args, recipe: str, variant: str, seed: int, device: torch.device,
-                 epochs: int | None = None) -> TrainConfig:
+                 **row) -> TrainConfig:
     """One row's config: the profile's settings for `recipe` (a smoke run's batch below
-    them), then the options given, then the row's own `epochs` (a plan's), if any."""
+    them), then the options given, then the row's own settings (a plan's) that are set."""
     profile = PROFILES[args.profile].overrides_for(recipe) if args.profile else {}
     return TrainConfig(**{
         **({"batch_size": SMOKE_BATCH} if args.smoke else {}), **profile,
         **given(args, TRAIN_OPTIONS), "recipe": recipe, "variant": variant, "seed": seed,
-        "device": str(device), **({"epochs": epochs} if epochs else {})})
+        "device": str(device), **{k: v for k, v in row.items() if v is not None}})
 
 
 def train_row(config: TrainConfig, data: Dataset, device: torch.device,
               accuracy_goals: tuple[float, ...] = (), verbose: bool = False) -> Row:
     """Train `config` and measure it: one row of the benchmark and of the GPU check."""
-    note(f"training {config.recipe}/{config.variant} seed {config.seed}: {config.epochs} "
-         f"epochs, batch {config.batch_size}, {len(data.train):,} images")
+    epochs = (f"a {config.time_budget_seconds:g} s budget" if config.time_budget_seconds
+              else f"{config.epochs} epochs")
+    note(f"training {config.recipe}/{config.variant} seed {config.seed}: {epochs}, batch "
+         f"{config.batch_size}, {len(data.train):,} images")
     flops = summary(build_model(config.variant)).forward_flops * TRAIN_FLOPS_PER_FORWARD
     peak = card_peak(device)[1]
-    with CompileEvents(active=config.compiles_on(device)) as events:
-        result = fit(config, data, on_epoch_end=_progress if verbose else None)
+    result = fit(config, data, on_epoch_end=_progress if verbose else None)
     m, history = result.metrics, result.history
     # The first epoch pays for cuDNN autotuning and allocator warm-up: report the
     # steady-state speed when there is more than one epoch.
@@ -105,8 +107,9 @@ def train_row(config: TrainConfig, data: Dataset, device: torch.device,
         m["compile_seconds"], per_epoch, ips, tflops,
         None if peak is None else 100 * tflops / peak, m["val/acc"], m.get("val/acc_tta"),
         m.get("test/acc"), m.get("test/acc_tta"), bool(m.get("compiled")),
-        bool(m.get("compile_fallback")), m["eval_seconds"], events.recompiles,
-        events.cudagraph_skips, time_to_accuracy(history, accuracy_goals), history,
+        bool(m.get("compile_fallback")), m["eval_seconds"], int(m.get("recompiles", 0)),
+        int(m.get("cudagraph_skips", 0)), time_to_accuracy(history, accuracy_goals), history,
+        config.batch_size,
     )
 
 
@@ -131,40 +134,6 @@ def card_peak(device: torch.device) -> tuple[str, float | None]:
     name = torch.cuda.get_device_name(device)
     return name, next((tflops for pattern, tflops in DENSE_BF16_TFLOPS if pattern in name),
                       None)
-
-
-class CompileEvents(logging.Handler):
-    """Counts, while active, torch's recompilations (its `recompiles` log, switched on
-    here: the reasons also go to stderr) and the graphs inductor could not capture as
-    CUDA graphs (its `cudagraph_skips` counter). Inactive (an eager run): both stay 0,
-    and torch's compiler is not even imported."""
-
-    LOGGER = "torch._dynamo.guards.__recompiles"
-
-    def __init__(self, active: bool = True):
-        super().__init__()
-        self.active, self.recompiles, self.cudagraph_skips = active, 0, 0
-
-    def __enter__(self) -> CompileEvents:
-        if self.active:
-            from torch._dynamo.utils import counters
-
-            # A clean slate: the run's compile time is its own, and graphs of an earlier
-            # run count neither as its recompiles nor against torch's recompile limit.
-            torch._dynamo.reset()
-            torch._logging.set_logs(recompiles=True)
-            self._counters = counters
-            self._skips = counters["inductor"]["cudagraph_skips"]
-            logging.getLogger(self.LOGGER).addHandler(self)
-        return self
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.recompiles += 1
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            logging.getLogger(self.LOGGER).removeHandler(self)
-            self.cudagraph_skips = self._counters["inductor"]["cudagraph_skips"] - self._skips
 
 
 def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
@@ -266,14 +235,16 @@ def format_predict_table(rows: list[dict]) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = (f"{'recipe':<10} {'variant':<7} {'seed':>4} {'epochs':>6} {'train s':>8} "
-              f"{'eval s':>6} {'compile s':>9} {'s/epoch':>8} {'img/s':>9} {'TFLOP/s':>8} "
-              f"{'% peak':>7} {'val acc':>8} {'val TTA':>8} {'test acc':>8} {'test TTA':>8}")
+    header = (f"{'recipe':<10} {'variant':<7} {'seed':>4} {'batch':>5} {'epochs':>6} "
+              f"{'train s':>8} {'eval s':>6} {'compile s':>9} {'s/epoch':>8} {'img/s':>9} "
+              f"{'TFLOP/s':>8} {'% peak':>7} {'val acc':>8} {'val TTA':>8} {'test acc':>8} "
+              f"{'test TTA':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = "-" if r.peak_percent is None else f"{r.peak_percent:.1f}%"
         lines.append(
-            f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.epochs:>6} {r.train_seconds:>8.1f} "
+            f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.batch_size:>5} {r.epochs:>6} "
+            f"{r.train_seconds:>8.1f} "
             f"{r.eval_seconds:>6.1f} {_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} "
             f"{r.images_per_second:>9,.0f} {r.tflops:>8.1f} {peak:>7} {_pct(r.val_acc):>8} "
             f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8} {_pct(r.test_acc_tta):>8}"
@@ -306,25 +277,37 @@ def load_data(args) -> Dataset:
     return data
 
 
-def environment(data: Dataset, device: torch.device, argv: list[str] | None) -> dict:
-    """What ran where: the card and its peak, versions, the commit and the exact command."""
+def environment(data: Dataset | None, device: torch.device, argv: list[str] | None) -> dict:
+    """What ran where: the card and its peak, versions, the commit, the exact command and
+    the data (once loaded)."""
     name, peak = card_peak(device)
     command = sys.orig_argv if argv is None else ["python", "-m", "model.bench", *argv]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": name,
         "peak_bf16_tflops": peak,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **versions(),
         "threads": torch.get_num_threads(),
         "load": "/".join(f"{x:.1f}" for x in os.getloadavg()),  # other work on this machine
         "commit": code_commit(),
         "command": shlex.join(command),
-        "train_images": len(data.train),
-        "val_images": len(data.val),
-        "test_images": len(data.test) if data.test is not None else 0,
-        "data_digest": data.digest,
+        **({} if data is None else {
+            "train_images": len(data.train), "val_images": len(data.val),
+            "test_images": len(data.test) if data.test is not None else 0,
+            "data_digest": data.digest}),
     }
+
+
+def versions() -> dict:
+    """torch's, and the CUDA, cuDNN and Triton it runs with (None where absent): a compile
+    that works with one set may fail with another."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+            "triton": triton}
 
 
 def write_json(path: str, payload: dict) -> None:

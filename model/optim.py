@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ PLATEAU_PATIENCE = 5  # epochs
 # Steps run before the timed training: the first compiles, the next ones are where CUDA
 # graphs (reduce-overhead) record and replay. A failure in any of them falls back to eager.
 COMPILE_WARMUP_STEPS = 3
+COMPILE_FAILURES: dict[tuple[str, str], str] = {}  # (device type, mode) -> why it failed
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -65,6 +67,10 @@ class WarmupLinearDecay:
     def __init__(self, warmup: int, total: int):
         self.warmup, self.total = warmup, total
 
+    def resize(self, total: int) -> None:
+        """End the decay at `total` steps instead (a time budget chose the epochs)."""
+        self.total, self.warmup = total, min(self.warmup, total // 4)
+
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
@@ -107,36 +113,42 @@ class WeightEMA:
         self.updates = int(state["updates"])
 
 
-def compile_step(model: nn.Module, criterion, batches, device: torch.device, bf16: bool,
-                 mode: str) -> tuple[nn.Module, float, bool]:
-    """(step model, seconds, fell back): `model` compiled with static shapes, then run for
-    COMPILE_WARMUP_STEPS real batches (compile, CUDA-graph recording and first replays) so
-    that none of it lands in the timed training. The warm-up touches no weights: its
-    gradients are dropped and the batch-norm statistics it moved are put back.
+def compile_step(model: nn.Module, warm_up: Callable[[nn.Module, int], None],
+                 device: torch.device, mode: str) -> tuple[nn.Module, float, bool]:
+    """(step model, seconds, fell back): `model` compiled with static shapes, then driven by
+    `warm_up(compiled, COMPILE_WARMUP_STEPS)`: the training loop's own step on as many batches
+    (compile, CUDA-graph recording and first replays, the step's outputs kept alive as the
+    loop keeps them), so that none of it lands in the timed training. The warm-up touches
+    no weights: its gradients are dropped and the batch-norm statistics it moved are put
+    back.
 
     Compilation fails in ways that depend on the machine (no C++ compiler, no Triton for
     this GPU, an unsupported operator, out of memory while autotuning, a failed graph
-    capture). Training does not need it, so any failure here logs one warning and the step
-    runs eager: (model, seconds spent trying, True).
+    capture). Training does not need it, so a failure logs one warning and the step runs
+    eager: (model, seconds spent trying, True). The failure is remembered for the rest of
+    the process: later runs on the same device type and mode train eager without retrying.
     """
+    key = (device.type, mode)
+    if key in COMPILE_FAILURES:
+        log.warning("torch.compile(mode=%s) failed earlier in this process (%s): training "
+                    "eager", mode, COMPILE_FAILURES[key])
+        return model, 0.0, True
     started = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     fell_back = False
     try:
+        # A clean slate: this run's compile time is its own, and graphs of an earlier run
+        # count neither as its recompiles nor against torch's recompile limit.
+        torch._dynamo.reset()
         # Batch sizes are fixed per run: a static graph, no symbolic batch dimension and
         # no recompiles when another size was compiled earlier in the same process.
         compiled = torch.compile(model, dynamic=False, mode=mode)
-        for step in range(COMPILE_WARMUP_STEPS):
-            x, y = next(batches)
-            torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                criterion(compiled(x), y).backward()
-            model.zero_grad(set_to_none=True)
-            log.debug("compile warm-up step %d done", step + 1)
+        warm_up(compiled, COMPILE_WARMUP_STEPS)
         synchronize(device)
     except Exception as exc:  # any failure leaves eager training intact
+        COMPILE_FAILURES[key] = f"{type(exc).__name__}: {exc}"
         log.warning("torch.compile(mode=%s) failed during warm-up, training eager instead: "
-                    "%s: %s", mode, type(exc).__name__, exc)
+                    "%s", mode, COMPILE_FAILURES[key])
         compiled, fell_back = model, True
         if device.type == "cuda":
             torch.cuda.empty_cache()  # what a failed autotune or capture left behind
@@ -144,3 +156,11 @@ def compile_step(model: nn.Module, criterion, batches, device: torch.device, bf1
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
     return compiled, time.perf_counter() - started, fell_back
+
+
+def compile_counts() -> tuple[int, int]:
+    """(frames dynamo compiled, graphs inductor did not capture as CUDA graphs), counted by
+    torch itself since the process began: whatever TORCH_LOGS says, unlike its logs."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], counters["inductor"]["cudagraph_skips"]

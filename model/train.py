@@ -15,10 +15,12 @@ model that is validated, scored and returned.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,12 +35,14 @@ from model.config import TrainConfig
 from model.data import Dataset
 from model.loaders import make_loader
 from model.nets import build_model, count_parameters
-from model.optim import WeightEMA, compile_step, make_optimizer
+from model.optim import WeightEMA, compile_counts, compile_step, make_optimizer
 from model.predict import evaluate, logits, resolve_device, synchronize, to_device_images
 
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10.0  # at most one batch-progress log line per this many seconds
+# With a time budget: epochs timed before the run is sized (the first pays for warm-up).
+BUDGET_PROBE_EPOCHS = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +80,7 @@ class _Step:
     bf16: bool
     compiled: bool
     should_stop: Callable[[], bool]
+    update: bool = True  # False: the compile warm-up, which leaves the weights untouched
 
 
 def fit(
@@ -101,6 +106,7 @@ def fit(
             "the validation split is empty: the learning-rate schedule and model selection "
             "need one; set a validation size above 0"
         )
+    fit_started = time.perf_counter()
     device = resolve_device(config.device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     _seed_everything(config.seed)
@@ -126,12 +132,28 @@ def fit(
             resumed_from = int(state["epoch"])
             start_epoch = resumed_from + 1
 
-    step_model, compile_seconds, fell_back = model, 0.0, False
-    if config.compiles_on(device) and start_epoch < config.epochs:
-        step_model, compile_seconds, fell_back = compile_step(
-            model, criterion, _warmup_batches(loader), device, bf16, config.compile_mode)
-    step = _Step(step_model, criterion, optimizer, scheduler, per_step, ema, bf16,
-                 compiled=step_model is not model, should_stop=should_stop or (lambda: False))
+    # With a time budget, the epochs are chosen once the first ones were timed, and chosen
+    # again after each later one (a resumed run keeps the choice); until then, `epochs`
+    # bounds the loop.
+    sized, timed = bool(history) and "planned_epochs" in history[-1], len(history) + 1
+    epochs = int(history[-1]["planned_epochs"]) if sized else config.epochs
+    if config.time_budget_seconds and not sized:
+        epochs = max(epochs, BUDGET_PROBE_EPOCHS)
+    step = _Step(model, criterion, optimizer, scheduler, per_step, ema, bf16,
+                 compiled=False, should_stop=should_stop or (lambda: False))
+    compile_seconds, fell_back, counts = 0.0, False, (0, 0)
+    if config.compiles_on(device) and start_epoch < epochs:
+        counts = compile_counts()
+
+        def warm_up(compiled: nn.Module, steps: int) -> None:  # the loop's own step
+            batches = itertools.islice(_warmup_batches(loader), steps)
+            warm = dataclasses.replace(step, model=compiled, compiled=True, update=False)
+            _train_epoch(warm, loader, -1, config, device, batches)
+
+        step.model, compile_seconds, fell_back = compile_step(model, warm_up, device,
+                                                              config.compile_mode)
+        step.compiled = step.model is not model
+        counts = (compile_counts()[0], counts[1])  # frames compiled later are recompiles
     # What is validated, scored and returned: the averaged weights when there are some.
     # Evaluation runs eager: a few forward passes per epoch, not worth a second compiled
     # graph (eval-mode batch norm, other batch sizes) and its compile time.
@@ -141,7 +163,8 @@ def fit(
     eval_kwargs = dict(bf16=bf16, channels_last=config.channels_last)
 
     try:
-        for epoch in range(start_epoch, config.epochs):
+        epoch = start_epoch - 1
+        while (epoch := epoch + 1) < epochs:
             model.train()
             started = time.perf_counter()
             train_loss, train_acc, seen = _train_epoch(step, loader, epoch, config, device)
@@ -165,8 +188,18 @@ def fit(
                 "epoch_seconds": train_seconds + eval_seconds,
                 "images_per_second": seen / train_seconds,
             }
+            if config.time_budget_seconds and epoch - start_epoch + 1 >= BUDGET_PROBE_EPOCHS:
+                chosen = _epochs_within(config, time.perf_counter() - fit_started, epoch,
+                                        [*history[timed:], metrics], data)
+                if not sized or chosen != epochs:
+                    log.info("time budget %.0f s: %d epochs", config.time_budget_seconds, chosen)
+                    epochs, sized = chosen, True
+                    if per_step:  # the decay now ends with the last epoch chosen
+                        scheduler.lr_lambdas[0].resize(epochs * loader.steps_per_epoch)
+            if sized:
+                metrics["planned_epochs"] = float(epochs)
             history.append(metrics)
-            if writer is not None and writer.due(last_epoch=epoch == config.epochs - 1):
+            if writer is not None and writer.due(last_epoch=epoch == epochs - 1):
                 writer.submit(lambda epoch=epoch: checkpoint.training_state(
                     config, model, optimizer, scheduler, ema, epoch, history))
             if on_epoch_end is not None:
@@ -187,6 +220,10 @@ def fit(
     model.eval()
     final, val_predicted = _final_metrics(config, model, data, device, history, eval_kwargs,
                                           val_images, val_labels)
+    if step.compiled:
+        frames, skips = compile_counts()
+        final.update(recompiles=float(frames - counts[0]),
+                     cudagraph_skips=float(skips - counts[1]))
     final.update(compile_seconds=compile_seconds, compiled=float(step.compiled),
                  compile_fallback=float(fell_back),
                  checkpoint_seconds=writer.lost_seconds if writer is not None else 0.0,
@@ -200,12 +237,27 @@ def _warmup_batches(loader):
         yield from loader.epoch(-epoch)
 
 
-def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torch.device):
-    """One pass over the training split: (mean loss, accuracy, images seen)."""
+def _epochs_within(config: TrainConfig, spent: float, epoch: int, steady: list[dict],
+                   data: Dataset) -> int:
+    """The epochs that end the whole run within `config.time_budget_seconds`, `spent`
+    seconds into it, at the median speed of the `steady` epochs (those after the run's
+    first, which paid for warming up; one slowed by other work does not count), the final
+    scoring held back (with TTA about three evaluations of the validation and test images)."""
+    per_epoch, evals = (statistics.median(h[k] for h in steady)
+                        for k in ("epoch_seconds", "eval_seconds"))
+    final = 3 * evals * (1 + (len(data.test) if data.test is not None else 0) / len(data.val))
+    more = int((config.time_budget_seconds - spent - final) // per_epoch)
+    return min(epoch + 1 + max(0, more), 10_000)  # the config's bound on epochs
+
+
+def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torch.device,
+                 batches=None):
+    """One pass over the training split (or over `batches`): (mean loss, accuracy, images
+    seen). The compile warm-up runs it too, so that what it compiles is this very step."""
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, last_report = 0, time.perf_counter()
-    for i, (x, y) in enumerate(loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
+    for i, (x, y) in enumerate(batches or loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
         if s.should_stop():  # host-side: costs no device sync
             raise TrainingStopped(f"stopped in epoch {epoch + 1}, before batch {i + 1}")
         if s.compiled:
@@ -217,11 +269,12 @@ def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torc
             loss = s.criterion(out, y)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        s.optimizer.step()
-        if s.per_step:
-            s.scheduler.step()
-        if s.ema is not None:
-            s.ema.update()
+        if s.update:
+            s.optimizer.step()
+            if s.per_step:
+                s.scheduler.step()
+            if s.ema is not None:
+                s.ema.update()
         # Accumulated on the device: no host sync inside the step loop.
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()

@@ -7,7 +7,6 @@ import torch
 from model import bench
 from model.bench import format_ratios
 from model.measure import (
-    CompileEvents,
     Row,
     card_peak,
     format_predict_table,
@@ -117,7 +116,7 @@ def test_the_table_says_whether_each_step_ran_compiled():
                                  compile_fallback=True)
     eager = row("reference", "light", 6.0)
     lines = format_table([compiled, failed, eager]).splitlines()
-    assert [line.split()[6] for line in lines[2:]] == ["41.2", "failed", "eager"]
+    assert [line.split()[7] for line in lines[2:]] == ["41.2", "failed", "eager"]
 
 
 def test_time_to_accuracy_sums_training_seconds_up_to_the_first_epoch_at_the_goal():
@@ -142,18 +141,4 @@ def test_the_card_peak_comes_from_its_name(name, peak, monkeypatch):
 
 def test_peak_share_is_empty_for_a_card_without_a_known_peak():
     unknown = dataclasses.replace(row("fast", "deep", 1.0), peak_percent=None)
-    assert format_table([unknown]).splitlines()[2].split()[10] == "-"
-
-
-@pytest.mark.slow
-def test_compile_events_count_torchs_recompiles_and_cudagraph_skips():
-    from torch._dynamo.utils import counters
-
-    double = torch.compile(lambda x: 2 * x, backend="eager", dynamic=False)
-    with CompileEvents() as events:
-        double(torch.ones(3))
-        double(torch.ones(3, dtype=torch.float64))  # a new dtype: a recompile
-        double(torch.ones(3))  # cached
-        counters["inductor"]["cudagraph_skips"] += 2  # what inductor does per skipped graph
-    double(torch.ones(3, dtype=torch.int64))  # after the run: not its recompile
-    assert (events.recompiles, events.cudagraph_skips) == (1, 2)
+    assert format_table([unknown]).splitlines()[2].split()[11] == "-"
