@@ -23,6 +23,7 @@ import torch
 from model import gpucheck, measure
 from model.config import DataConfig, Recipe, TrainConfig, Variant, add_options, option_specs
 from model.data import Dataset
+from model.errors import UserError
 from model.measure import Row, run_prediction, train_config, train_row
 from model.predict import resolve_device
 from model.profiles import PROFILES
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     torch.set_float32_matmul_precision("high")
     if args.check:
-        return gpucheck.run_check(args, device, argv)
+        try:
+            return gpucheck.run_check(args, device, argv)
+        except UserError as exc:  # the file already says so; one line here
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     data = measure.load_data(args)
     env = measure.environment(data, device, argv)
     print("  ".join(f"{k}={v}" for k, v in env.items()))

@@ -1,32 +1,34 @@
 """The GPU check: one command that measures every GPU target and says which are met.
 
-    python -m model.bench --check [--data .data/train.parquet] [--test PATH] [--out FILE]
-    python -m model.bench --check best --variants deep   # target 3, one variant per call
+    python -m model.bench --check [--data PATH] [--test PATH] [--out FILE]
+    python -m model.bench --check best --variants deep,light [--best-seconds deep=200]
     python -m model.bench --check --smoke                # CPU, synthetic data: the plumbing
 
-The default mode measures targets 1 (its speed half), 2, 4 and 5 in at most 5 minutes on
-one H100 or H200, data decoding and compiles included; `best` measures target 3 for one
-variant in at most 6 minutes. Rows run most telling first; a row that would begin with
-less than ROW_RESERVE seconds of the mode's budget left is skipped and listed as such.
-
-The JSON file (--out) is rewritten atomically after every row, so a run cut off still
-leaves every finished row. Per row: training, evaluation and compile seconds, seconds per
-epoch, images/s, TFLOP/s and % of the card's dense bf16 peak, validation and --test
-accuracy with and without TTA, time to each accuracy goal, recompiles and CUDA-graph
-skips. Per target: measured, goal, met (null while unmeasured).
+The default mode measures targets 1 (speed half), 2, 4 and 5 within 5 minutes, data and
+compiles included; `best` trains `fast` to each variant's time budget (target 3). The plan,
+with each row's predicted seconds, is printed first. Rows run so that the most targets are
+measured when time runs out (prediction, the speed pairs, `fast`, then its options), and a
+row predicted to end past the budget is skipped. The JSON file is written before the data
+loads and after every row; a SIGTERM leaves it `interrupted` with every finished row.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
+import statistics
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from model import measure
+from model.config import ConfigError
+from model.errors import UserError
 
 # The targets. Accuracies are on the validation split; time goals count training seconds
 # only, with compilation and per-epoch evaluation reported beside them.
@@ -42,16 +44,35 @@ NOTES = [
     "target 5's CPU half is measured by `python -m model.bench --predict` on a CPU",
 ]
 
-# `fast`'s budgets, sized to the time goals at the efficiency goals: an epoch of 45,000
-# images takes ~0.9 s (deep at 25% of 989 TFLOP/s) and ~0.5 s (light at 22%).
-# Unmeasured on a GPU: --epochs overrides them.
-FAST_EPOCHS = {"deep": 20, "light": 28}
+# `fast`'s schedules for target 2: the whole schedule, not only the epoch reaching the
+# accuracy, fits the time goal at the priors below. Unmeasured; --epochs overrides them.
+FAST_EPOCHS = {"deep": 17, "light": 18}
+# `fast`'s rows: the plan's, then options for targets 2 and 4, which take the best row.
+FAST_ROWS = {"": {}, " eager": {"compile": False},
+             " eager b1024": {"batch_size": 1024, "compile": False}, " b1024": {"batch_size": 1024}}
 SPEED_EPOCHS = 3  # paper and reference: the first epoch warms up, the rest are timed
 SMOKE_EPOCHS = 2  # so that a smoke row has a timed epoch after the warm-up one
-MODE_SECONDS = {"default": 300.0, "best": 360.0}  # each mode's wall-time budget
-ROW_RESERVE = 45.0  # seconds: about one compile; less than this left, no new row begins
-DEFAULT_OUT = "results-check.json"
-DEFAULT_DATA = ".data/train.parquet"  # where the GPU machine's copy keeps the Parquet
+# `best`: each variant's budget for the whole training run (compile and evaluation
+# included), sized so that the default mode and both variants fit 12 minutes of commands.
+BEST_BUDGETS = {"deep": 180.0, "light": 150.0}
+SMOKE_BEST_SECONDS = 5.0
+DEFAULT_SECONDS = 300.0  # the default mode's wall-time budget
+DATA_SECONDS = 60.0  # `best`'s budget beyond its rows': decoding the data, the file
+# The plan's predictions until this run has measured the machine: seconds per epoch of
+# 45,000 images on an H100, compiled where the recipe compiles (reference: earlier runs with
+# 16 workers; paper and fast: the efficiency goals), a cold compile, and per row the
+# network, loader workers and final scoring. A measured row rescales the epoch times.
+PRIOR_EPOCH_SECONDS = {("reference", "deep"): 6.4, ("reference", "light"): 4.3,
+                       ("paper", "deep"): 1.6, ("paper", "light"): 1.1,
+                       ("fast", "deep"): 0.9, ("fast", "light"): 0.5}
+PRIOR_IMAGES = 45_000
+EAGER_SLOWDOWN = 1.5  # paper and fast without compile, per epoch: a guess
+COMPILE_SECONDS = 45.0
+ROW_SECONDS = 5.0
+PREDICT_SECONDS = 15.0
+# Where the training Parquet is looked for: a copy of the checkout has them only if carried.
+DATA_PLACES = (".data/train.parquet", "shared/datasets/cifar10-jpeg/train.parquet",
+               "../shared/datasets/cifar10-jpeg/train.parquet")
 ROW_FIELDS = {f.name for f in dataclasses.fields(measure.Row)}
 
 
@@ -59,109 +80,161 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("GPU check (model/gpucheck.py)")
     g.add_argument("--check", nargs="?", const="default", choices=["default", "best"],
                    help="measure every GPU target: default (targets 1, 2, 4, 5; 5 min) or "
-                   "best (target 3, one variant; 6 min)")
+                   "best (target 3: fast trained to each variant's --best-seconds)")
     g.add_argument("--budget-seconds", type=float,
-                   help="wall-time budget; rows that would begin past it are skipped "
-                   "(default: 300 for the default mode, 360 for best; 0: no limit)")
+                   help="wall-time budget; rows predicted to end past it are skipped "
+                   "(default: 300, best: the variants' budgets + 60; 0: no limit)")
+    g.add_argument("--best-seconds", type=_variant_seconds, default={}, metavar="V=S,..",
+                   help="best: each variant's budget for its whole training run (default "
+                   + ",".join(f"{v}={s:g}" for v, s in BEST_BUDGETS.items()) + ")")
+
+
+def _variant_seconds(text: str) -> dict[str, float]:
+    pairs = [part.partition("=") for part in text.split(",")]
+    with contextlib.suppress(ValueError):
+        if {v for v, _, _ in pairs} <= set(BEST_BUDGETS) and min(float(s) for *_, s in pairs) > 0:
+            return {v: float(s) for v, _, s in pairs}
+    raise argparse.ArgumentTypeError(f"not deep=SECONDS,light=SECONDS above 0: {text!r}")
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill the check's defaults into `args`; one-line errors for what cannot run."""
-    if args.check == "best" and len(args.variants) != 1:
-        p.error("--check best trains one variant per call (up to 6 minutes each): pass "
-                "--variants deep or --variants light")
-    if not args.smoke:
-        args.data_source = args.data_source or DEFAULT_DATA
+    """Fill the check's defaults into `args`."""
+    args.best_seconds = {v: SMOKE_BEST_SECONDS if args.smoke else s
+                         for v, s in {**BEST_BUDGETS, **args.best_seconds}.items()}
     if args.check == "best":
         args.profile = args.profile or "full"
     if args.budget_seconds is None:
-        args.budget_seconds = MODE_SECONDS[args.check]
-    args.out = args.out or DEFAULT_OUT
+        args.budget_seconds = DEFAULT_SECONDS if args.check == "default" else (
+            sum(args.best_seconds[v] + ROW_SECONDS for v in args.variants) + DATA_SECONDS)
+    args.out = args.out or (f"results-check-{args.check}-{'-'.join(args.variants)}"
+                            f"{'-smoke' if args.smoke else ''}.json")
+
+
+def find_data(root: Path = Path()) -> str:
+    """The first of DATA_PLACES that exists, or one `error:` line saying what to copy."""
+    for place in DATA_PLACES:
+        if (root / place).is_file():
+            return place
+    raise ConfigError(f"no training data at {', '.join(DATA_PLACES)}: copy {DATA_PLACES[1]} "
+                      f"to {DATA_PLACES[0]} and carry .data (git ignores it), or pass --data PATH")
 
 
 @dataclasses.dataclass
 class Step:
-    name: str  # e.g. "fast/light", "predict"
+    name: str  # e.g. "fast/light", "fast/light eager b1024", "predict"
     purpose: str  # the targets it measures
     run: Callable[[], list[dict]]
+    seconds: Callable[[], float]  # predicted duration, from what was measured so far
+    pair: Step | None = None  # a row worth running only with this one after it
 
 
-def plan(args, data, device: torch.device) -> list[Step]:
-    """The rows of `args.check`'s mode, most telling first."""
-    seed = args.seeds[0]
+def plan(args, data, device: torch.device, done: list[dict]) -> list[Step]:
+    """The rows of `args.check`'s mode, in order; `done`: the rows measured so far."""
+    seed, images = args.seeds[0], len(data.train) if data is not None else PRIOR_IMAGES
 
-    def train(recipe: str, variant: str, epochs: int | None) -> Callable[[], list[dict]]:
+    def prior(recipe: str, variant: str, eager: bool) -> float:
+        slow = EAGER_SLOWDOWN if eager and recipe != "reference" else 1.0
+        return PRIOR_EPOCH_SECONDS[recipe, variant] * images / PRIOR_IMAGES * slow
+
+    def predict(config) -> float:
+        if config.time_budget_seconds:
+            return config.time_budget_seconds + ROW_SECONDS
+        rows = [r for r in done if r["kind"] == "train"]
+        scale = statistics.median([(r["train_seconds"] + r["eval_seconds"]) / r["epochs"]
+                                   / prior(r["recipe"], r["variant"], not r["compiled"])
+                                   for r in rows] or [1.0])
+        compiles = config.compiles_on(device)
+        compile_ = max([r["compile_seconds"] for r in rows if r["compiled"]]
+                       or [COMPILE_SECONDS]) if compiles else 0.0
+        return ROW_SECONDS + compile_ + config.epochs * scale * prior(
+            config.recipe, config.variant, not compiles)
+
+    def train(recipe: str, variant: str, purpose: str, label: str = "", **row) -> Step:
+        def config():
+            return measure.train_config(args, recipe, variant, seed, device, **row)
+
         def run() -> list[dict]:
-            # The options, then the plan's epochs (none: the profile's or the recipe's).
-            config = measure.train_config(args, recipe, variant, seed, device, epochs)
             goals = (FAST_GOALS[variant][0], BEST_GOALS[variant])
-            row = measure.train_row(config, data, device, goals, verbose=args.verbose)
-            return [{"kind": "train", **dataclasses.asdict(row)}]
-        return run
+            r = measure.train_row(config(), data, device, goals, verbose=args.verbose)
+            return [{"kind": "train", **dataclasses.asdict(r)}]
+        return Step(f"{recipe}/{variant}{label}", purpose, run, lambda: predict(config()))
 
-    def predict() -> list[dict]:
+    smoke = SMOKE_EPOCHS if args.smoke else None
+    if args.check == "best":
+        return [train("fast", v, "3", time_budget_seconds=args.best_seconds[v])
+                for v in args.variants]
+
+    def predict_run() -> list[dict]:
         return [{"kind": "predict", **r} for r in measure.run_prediction(args, data, device)]
 
+    steps = [Step("predict", "5", predict_run, lambda: PREDICT_SECONDS)]
+    for v in sorted(args.variants):  # deep first: the report's headline network
+        ref = train("reference", v, "1", epochs=smoke or SPEED_EPOCHS)
+        steps += [dataclasses.replace(train("paper", v, "1", epochs=smoke or SPEED_EPOCHS),
+                                      pair=ref), ref]
     # --epochs sets the accuracy rows' budget; the speed rows keep theirs.
-    smoke = SMOKE_EPOCHS if args.smoke else None
-    variants = args.variants
-    if args.check == "best":
-        (v,) = variants
-        return [Step(f"fast/{v}", "3", train("fast", v, args.epochs or smoke))]
-    steps = [Step(f"fast/{v}", "2, 4", train("fast", v, args.epochs or smoke or FAST_EPOCHS[v]))
-             for v in sorted(variants, key=lambda v: v != "light")]  # light: the quicker
-    steps.append(Step("predict", "5", predict))
-    for v in sorted(variants):  # deep first: the report's headline network
-        steps += [Step(f"{recipe}/{v}", "1", train(recipe, v, smoke or SPEED_EPOCHS))
-                  for recipe in ("paper", "reference")]
-    return steps
+    light_first = sorted(args.variants, key=lambda v: v != "light")  # light: the quicker
+    steps += [train("fast", v, "2, 4", label, epochs=args.epochs or smoke or FAST_EPOCHS[v],
+                    **o) for label, o in FAST_ROWS.items() for v in light_first]
+    # CUDA graphs of paper's compiled forward and backward: target 1 takes the faster paper.
+    return steps + [train("paper", v, "1 (option)", " reduce-overhead", epochs=smoke
+                          or SPEED_EPOCHS, compile_mode="reduce-overhead") for v in light_first]
 
 
 def evaluate_targets(mode: str, rows: list[dict], variants: list[str]) -> list[dict]:
-    """Each target of `mode` for each variant: measured, goal and met (None: unmeasured)."""
-    train = {(r["recipe"], r["variant"]): r for r in rows if r["kind"] == "train"}
+    """Each target of `mode` for each variant: measured, goal, met (None: unmeasured), and
+    the rows it was measured on that ran with the compile fallback."""
+    train = [r for r in rows if r["kind"] == "train"]
+    named = {r["row"]: r for r in train}
     out = []
 
-    def target(number, variant, what, measured, goal, compare, unit, met=None, **extra):
+    def target(number, variant, what, measured, goal, compare, unit, met=None, used=(),
+               **extra):
         if met is None and measured is not None:
             met = measured >= goal if compare == ">=" else measured <= goal
+        fallback = [r["row"] for r in used if r is not None and r["compile_fallback"]]
         out.append({"target": number, "variant": variant, "what": what,
                     "measured": measured, "goal": goal, "compare": compare, "unit": unit,
-                    "met": met, **extra})
+                    "met": met, "fallback": fallback, **extra})
 
     for v in variants:
-        fast = train.get(("fast", v))
+        fast = named.get(f"fast/{v}")
         if mode == "best":
-            acc = None if fast is None else _first(fast["val_acc_tta"], fast["val_acc"])
+            acc = fast and next(a for a in (fast["val_acc_tta"], fast["val_acc"]) if a is not None)
             met = None if fast is None else (acc >= BEST_GOALS[v]
                                              and fast["train_seconds"] <= BEST_SECONDS)
             target(3, v, f"validation accuracy with flip TTA, within {BEST_SECONDS:.0f} s "
-                   "of training", acc, BEST_GOALS[v], ">=", "fraction", met,
+                   "of training", acc, BEST_GOALS[v], ">=", "fraction", met, [fast],
                    train_seconds=None if fast is None else fast["train_seconds"])
             continue
-        paper, ref = train.get(("paper", v)), train.get(("reference", v))
+        paper = min((r for r in train if r["recipe"] == "paper" and r["variant"] == v),
+                    key=lambda r: r["seconds_per_epoch"], default=None)
+        ref = named.get(f"reference/{v}")
         target(1, v, "paper's speed per epoch, times reference's (same run)",
                None if not (paper and ref)
                else ref["seconds_per_epoch"] / paper["seconds_per_epoch"],
-               SPEEDUP_GOAL, ">=", "x")
+               SPEEDUP_GOAL, ">=", "x", used=[paper, ref], row=paper and paper["row"])
+        # Targets 2 and 4 take the best of `fast`'s rows: the plan's and its options.
+        fasts = [r for r in train if r["recipe"] == "fast" and r["variant"] == v]
         acc, seconds = FAST_GOALS[v]
-        reached = None if fast is None else fast["time_to_accuracy"].get(f"{acc:.3f}")
+        reached = min(((t["train_seconds"], r) for r in fasts
+                       if (t := r["time_to_accuracy"].get(f"{acc:.3f}"))),
+                      key=lambda pair: pair[0], default=(None, None))
         target(2, v, f"training seconds until validation accuracy >= {acc:.1%}",
-               reached and reached["train_seconds"], seconds, "<=", "s",
-               None if fast is None else (reached is not None
-                                          and reached["train_seconds"] <= seconds))
+               reached[0], seconds, "<=", "s",
+               None if not fasts else reached[0] is not None and reached[0] <= seconds,
+               [reached[1]], row=reached[1] and reached[1]["row"])
+        peak = max((r for r in fasts if r["peak_percent"] is not None),
+                   key=lambda r: r["peak_percent"], default=None)
         target(4, v, "a fast epoch's share of the card's dense bf16 peak",
-               None if fast is None else fast["peak_percent"], PEAK_GOALS[v], ">=", "%")
+               peak and peak["peak_percent"], PEAK_GOALS[v], ">=", "%", used=[peak],
+               row=peak and peak["row"])
         images, limit = PREDICT_GOAL
         timed = [r["seconds"] * images / r["images"] for r in rows
                  if r["kind"] == "predict" and r["variant"] == v]
         target(5, v, f"seconds to predict {images:,} images, the slower of with and "
                "without TTA", max(timed) if timed else None, limit, "<=", "s")
     return out
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
 
 
 class Report:
@@ -171,8 +244,8 @@ class Report:
         self.path, self.mode, self.variants = path, mode, variants
         self.started = time.perf_counter()
         self.payload: dict = {"mode": mode, "status": "running", "elapsed_seconds": 0.0,
-                              "env": env, "notes": NOTES, "rows": [], "skipped": [],
-                              "targets": evaluate_targets(mode, [], variants)}
+                              "env": env, "notes": NOTES, "plan": [], "rows": [],
+                              "skipped": [], "targets": evaluate_targets(mode, [], variants)}
         self.write()
 
     def add(self, rows: list[dict]) -> None:
@@ -185,8 +258,8 @@ class Report:
         self.payload["skipped"].append({"row": step.name, "purpose": step.purpose, "why": why})
         self.write()
 
-    def finish(self, status: str) -> None:
-        self.payload["status"] = status
+    def finish(self, status: str, **why) -> None:
+        self.payload.update(status=status, **why)
         self.write()
 
     def write(self) -> None:
@@ -194,21 +267,41 @@ class Report:
         measure.write_json(self.path, self.payload)
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the rows, so the file says so
+
+
 def run_check(args, device: torch.device, argv: list[str] | None) -> int:
     started = time.perf_counter()
-    data = measure.load_data(args)
-    env = measure.environment(data, device, argv)
-    env["data_seconds"] = time.perf_counter() - started  # decode, split, transfer
-    env["budget_seconds"] = args.budget_seconds
-    report = Report(args.out, args.check, env, args.variants)
-    failed = False
+    report = Report(args.out, args.check, measure.environment(None, device, argv),
+                    args.variants)
     try:
-        for step in plan(args, data, device):
+        if not (args.smoke or args.data_source):
+            args.data_source = find_data()
+        data = measure.load_data(args)
+    except UserError as exc:
+        report.finish("failed", error=str(exc))
+        raise
+    report.payload["env"] = {**measure.environment(data, device, argv), "budget_seconds":
+                             args.budget_seconds,
+                             "data_seconds": time.perf_counter() - started}
+    steps = plan(args, data, device, report.payload["rows"])
+    report.payload["plan"] = [{"row": s.name, "purpose": s.purpose,
+                               "predicted_seconds": round(s.seconds(), 1)} for s in steps]
+    report.write()
+    measure.note(format_plan(report.payload))
+    failed, previous = False, signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for step in steps:
             left = args.budget_seconds - (time.perf_counter() - started)
-            if args.budget_seconds and left < ROW_RESERVE:
-                measure.note(f"skipping {step.name}: {left:.0f} s of the budget left")
-                report.skip(step, f"{left:.0f} s of the {args.budget_seconds:.0f} s budget left")
+            needed = step.seconds() + (step.pair.seconds() if step.pair else 0.0)
+            if args.budget_seconds and needed > left:
+                why = (f"predicted {needed:.0f} s{' with ' + step.pair.name if step.pair else ''}"
+                       f", {left:.0f} s of the {args.budget_seconds:.0f} s budget left")
+                measure.note(f"skipping {step.name}: {why}")
+                report.skip(step, why)
                 continue
+            report.payload["current"] = step.name
             row_started = time.perf_counter()
             try:
                 rows = step.run()
@@ -220,12 +313,29 @@ def run_check(args, device: torch.device, argv: list[str] | None) -> int:
                 row.update(row=step.name, purpose=step.purpose,
                            wall_seconds=time.perf_counter() - row_started)
             report.add(rows)
-    except BaseException:
+        del report.payload["current"]
+    except BaseException:  # SIGTERM, Ctrl-C: the finished rows stay, the cut one is named
         report.finish("interrupted")
+        print(format_summary(report.payload))
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report.finish("failed" if failed else "finished")
     print(format_summary(report.payload))
     return 1 if failed else 0
+
+
+def format_plan(payload: dict) -> str:
+    total = sum(p["predicted_seconds"] for p in payload["plan"])
+    env = payload["env"]
+    lines = [f"plan: {total:.0f} s of rows predicted, budget {env['budget_seconds']:.0f} s "
+             f"({env['data_seconds']:.0f} s spent loading data); rows that would end past "
+             "it are skipped"]
+    lines += [f"  {p['row']:<28} target {p['purpose']:<14} ~{p['predicted_seconds']:.0f} s"
+              for p in payload["plan"]]
+    if env["commit"] == "unknown":
+        lines.append("commit unknown: carry a COMMIT file (git describe --always --dirty)")
+    return "\n".join(lines)
 
 
 def format_summary(payload: dict) -> str:
@@ -242,9 +352,14 @@ def format_summary(payload: dict) -> str:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         measured = "-" if t["measured"] is None else f"{t['measured']:.4g}"
         lines.append(f"target {t['target']} {t['variant']:<5} {verdict:<12} {measured} "
-                     f"{t['compare']} {t['goal']:g} {t['unit']}: {t['what']}")
-    lines.append(f"{payload['status']} in {payload['elapsed_seconds']:.0f} s; "
-                 f"commit {payload['env']['commit']}")
+                     f"{t['compare']} {t['goal']:g} {t['unit']}: {t['what']}"
+                     + (f" (row {t['row']})" if t.get("row") else ""))
+        if t["fallback"]:
+            lines.append(f"  measured with the compile fallback: {', '.join(t['fallback'])} "
+                         "ran eager after its compile failed")
+    env = payload["env"]
+    lines.append(f"{payload['status']} in {payload['elapsed_seconds']:.0f} s"
+                 + (f" (cut during {payload['current']})" if payload.get("current") else "")
+                 + f"; commit {env['commit']}; torch {env['torch']}, CUDA {env['cuda']}, "
+                 f"Triton {env['triton']}")
     return "\n".join(lines)
-
-
