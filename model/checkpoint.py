@@ -36,10 +36,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it.
-
-    A crash at any point leaves either the previous file or the new one, never a torn one.
-    """
+    """torch.save through atomic_write: a crash leaves the previous file or the new one."""
     path = Path(path)
     with atomic_write(path) as f:
         torch.save(obj, f)
@@ -104,8 +101,7 @@ def _to_host(obj: Any) -> Any:
 
 
 def training_state(config, model, optimizer, scheduler, ema, epoch, history) -> dict[str, Any]:
-    """Everything a resume needs, copied to host memory: model, optimizer, scheduler, weight
-    average, epoch, history and every RNG."""
+    """Everything a resume needs, every RNG included, copied to host memory."""
     _, key, pos, _, _ = np.random.get_state()
     return _to_host({
         "format": FORMAT,

@@ -78,13 +78,10 @@ def build_model(variant: str) -> ModifiedResNet:
 
 
 def fuse_for_inference(model: nn.Module) -> ModifiedResNet:
-    """An evaluation-mode copy of `model` with every batch norm folded into the conv before it.
-
-    In evaluation mode a batch norm is a per-channel affine map, so conv + BN is one conv
-    with a bias: 15 (light) or 25 (deep) fewer passes over the activations, the same logits
-    up to float rounding. The copy's parameters do not require gradients; `model` itself,
-    its mode and its batch-norm statistics are left as they are.
-    """
+    """An evaluation-mode copy of `model`, without gradients, with every batch norm folded
+    into the conv before it: in evaluation mode a batch norm is a per-channel affine map, so
+    this is 15 (light) or 25 (deep) fewer passes over the activations for the same logits up
+    to float rounding. `model` itself is left as it is."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     if not isinstance(model, ModifiedResNet):
         raise TypeError(f"fuse_for_inference() supports ModifiedResNet, got {type(model).__name__}")
@@ -166,8 +163,7 @@ def summary(model: nn.Module, batch_size: int = 128, input_size=(3, 32, 32)) -> 
     rows: list[LayerRow] = []
     flops = 0
     activation_elems = 0
-    hooks = []
-    meta_model = _meta_copy(model)
+    meta_model = _meta_copy(model)  # a throwaway copy: its hooks need no removal
 
     def record(name: str):
         def hook(module: nn.Module, inputs, output):
@@ -187,13 +183,9 @@ def summary(model: nn.Module, batch_size: int = 128, input_size=(3, 32, 32)) -> 
 
     for name, module in meta_model.named_modules():
         if name and not list(module.children()) and not isinstance(module, nn.Identity):
-            hooks.append(module.register_forward_hook(record(name)))
-    try:
-        with torch.no_grad():
-            meta_model(torch.empty((1, *input_size), device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
+            module.register_forward_hook(record(name))
+    with torch.no_grad():
+        meta_model(torch.empty((1, *input_size), device="meta"))
     trainable = count_parameters(model)
     return ModelSummary(
         rows=tuple(rows),

@@ -13,8 +13,7 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
 def reference_transform(train: bool) -> Any:
-    """The report's torchvision (PIL) transform, exactly, for the `reference` recipe's
-    DataLoader: a PIL image in, a normalized (3, 32, 32) float tensor out."""
+    """A PIL image in, a normalized (3, 32, 32) float tensor out."""
     # Imported here so the batched GPU path never pays for torchvision's import.
     from torchvision import transforms as T
 
@@ -43,17 +42,12 @@ class PILDataset(Dataset):
         images = np.asarray(images_uint8_nhwc)
         labels = np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} "
+                             f"{images.shape}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) to match the images, "
-                f"got {labels.shape}"
-            )
-        self.images = images
-        self.labels = labels
-        self.transform = transform
+            raise ValueError(f"labels must have shape ({images.shape[0]},) to match the images, "
+                             f"got {labels.shape}")
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.images)

@@ -43,9 +43,8 @@ def _stratified_pick(
 
 
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx), disjoint, covering all rows, deterministic for a seed, each
-    class represented in val in proportion (largest-remainder rounding so the sizes sum to
-    val_size). Both index arrays are sorted. val_size=0 gives an empty val."""
+    """(train_idx, val_idx): sorted, disjoint, covering all rows, deterministic for a seed,
+    each class in val in proportion (see _stratified_pick). val_size=0: an empty val."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise InvalidInputError(f"labels must be 1-D, got shape {labels.shape}")
@@ -86,10 +85,9 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     shared_cache: SharedCache | None = None,
 ) -> Dataset:
-    """The one entry point: read `source`, hold out a stratified validation split of
-    `val_size` rows, and optionally keep a stratified subset of `train_size` training rows
-    (after the hold-out, so the validation rows do not depend on it) for smoke tests and
-    quick profiles; None keeps all."""
+    """Read `source`, hold out a stratified validation split of `val_size` rows, then keep a
+    stratified subset of `train_size` of the rest (None: all), so that the subset never
+    changes the validation rows."""
     source = os.fspath(source)
     raw = load_arrays(source, cache_dir=cache_dir, shared=shared_cache)
     train_idx, val_idx = stratified_split(raw.train_labels, val_size, seed)

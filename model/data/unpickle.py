@@ -1,9 +1,5 @@
-"""The restricted unpickler: numpy arrays and plain containers out of untrusted pickles, with
-the work bounded before it is done.
-
-Pickles (the CIFAR batches and the competition file) come from outside the project and run
-code when loaded naively, so they only ever go through `restricted_loads`, which can rebuild
-numpy arrays and nothing else.
+"""The restricted unpickler: numpy arrays and plain containers, and nothing else, out of
+untrusted pickles (the CIFAR batches, the competition file), the work bounded before it is done.
 
 It is built on the pure-Python unpickler (`pickle._Unpickler`) because the C one offers no
 hook between opcodes: a file well under the size cap could make it build containers
@@ -18,9 +14,8 @@ Python one dispatches every opcode through a table, and this module swaps in its
 - containers grow only by the opcodes meant for them (APPENDS on lists, SETITEMS on dicts),
   and keys are str, bytes or int64, whose hashes cannot be chosen to collide;
 - the memo is a dict with keys a pickler could have written.
-Its speed (about a microsecond an opcode) does not matter: a genuine file holds a few dozen
-(the competition file) to a few tens of thousands (an official CIFAR batch) of opcodes, and
-its bulk is a few large byte strings read whole.
+Its speed (about a microsecond an opcode) does not matter: a genuine file holds at most a
+few tens of thousands of opcodes, its bulk a few large byte strings read whole.
 """
 
 from __future__ import annotations
