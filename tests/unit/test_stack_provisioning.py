@@ -211,7 +211,9 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_seaweedfs(tm
     assert sorted(first.ports) == sorted(services.PORTS)
     assert len(set(first.ports.values())) == len(services.PORTS)
     assert first.stages() == [["postgres", "s3"], ["prefect", "mlflow", "alerts"]]
-    assert not first.auth
+    assert first.auth  # closed by default
+    assert stack.configure(tmp_path, auth=None).auth  # and kept
+    assert not stack.configure(tmp_path / "open", auth=False).auth  # --no-auth
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.internal:9000")
     external = stack.configure(tmp_path, auth=True)  # nothing runs: settings may change
