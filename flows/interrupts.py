@@ -5,16 +5,15 @@ A terminal's Ctrl-C signals the whole foreground process group; SIGTERM (a sched
 flow run Crashed, its MLflow runs Killed), stops the processes it started and says in one
 line how to resume.
 
-- The signal raises `Interrupted` in the main thread. While a flow runs, Prefect's engine
-  takes SIGTERM first: it raises its own TerminationSignal there, and sends the signal
-  again once the flow run has ended. The flow, interrupted while it waits for its jobs,
-  tells them to stop; they end at their next batch, and the engines and `tracked_run`
-  record Crashed and Killed, as they do for any interrupt.
+- The signal raises `Interrupted` in the main thread (while a flow runs, Prefect takes
+  SIGTERM first, raises its TerminationSignal, and passes the signal on once the flow run
+  has ended). The flow, interrupted while waiting for its jobs, tells them to stop; they
+  end at their next batch, and the engines and `tracked_run` record Crashed and Killed.
 - If that has not finished within the grace period, or a second signal comes, the command
   records the same states itself, stops its children and exits.
-- The embedded Prefect server is an ordinary child in a session of its own, so that Ctrl-C
-  does not stop it before the flow run's end is recorded there. It is stopped at exit,
-  after Prefect has sent its last logs, and dies with the command however that ends.
+- The embedded Prefect server is a child in a session of its own, so that Ctrl-C does not
+  stop it before the flow run's end is recorded there; it is stopped at exit, after
+  Prefect's last logs, and dies with the command however that ends.
 """
 
 from __future__ import annotations
@@ -115,7 +114,9 @@ class InterruptGuard:
         if not self._forcing.acquire(blocking=False):
             return
         if not self._reported:  # else the engines have recorded them, and Prefect's
-            _bounded(self._record_states, timeout=5)  # server may be gone already
+            recording = threading.Thread(target=self._record_states, daemon=True)
+            recording.start()  # server may be gone already
+            recording.join(5)
         stop_processes(self._new_children(), timeout=2)
         self._report()
         os._exit(128 + (self.signum or signal.SIGINT))
@@ -130,21 +131,24 @@ class InterruptGuard:
 
     def _record_states(self) -> None:
         """What the engines would have recorded, had the command unwound in time."""
-        if "tasks.tracking" in sys.modules:
-            from tasks.tracking import end_open_runs
+        try:
+            if "tasks.tracking" in sys.modules:
+                from tasks.tracking import end_open_runs
 
-            end_open_runs("KILLED")
-        if self.flow_run is not None:
-            from prefect import get_client
-            from prefect.states import Crashed
+                end_open_runs("KILLED")
+            if self.flow_run is not None:
+                from prefect import get_client
+                from prefect.states import Crashed
 
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(self.flow_run[0]).state
-                if state is None or not state.is_final():
-                    name = signal.Signals(self.signum or signal.SIGINT).name
-                    client.set_flow_run_state(
-                        self.flow_run[0], Crashed(message=f"interrupted by {name}"),
-                        force=True)
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(self.flow_run[0]).state
+                    if state is None or not state.is_final():
+                        name = signal.Signals(self.signum or signal.SIGINT).name
+                        client.set_flow_run_state(
+                            self.flow_run[0], Crashed(message=f"interrupted by {name}"),
+                            force=True)
+        except Exception as exc:
+            print(f"warning: could not record the interruption: {exc}", file=sys.stderr)
 
 
 def resume_command(argv: list[str] | None, state: Path, run_key: str) -> str:
@@ -170,23 +174,8 @@ def interrupted_line(guard: InterruptGuard, command: str, resume: str | None) ->
 def _current_flow_run() -> tuple[str, str] | None:
     """The Prefect flow run the main thread is in, if any (signal handlers run there)."""
     context = sys.modules.get("prefect.context")
-    run_context = context.FlowRunContext.get() if context else None
-    if run_context is None or run_context.flow_run is None:
-        return None
-    return str(run_context.flow_run.id), run_context.flow_run.name
-
-
-def _bounded(fn: Callable[[], None], timeout: float) -> None:
-    """Run `fn` in a thread for at most `timeout` seconds; its failure is only logged."""
-    def run() -> None:
-        try:
-            fn()
-        except Exception as exc:
-            print(f"warning: could not record the interruption: {exc}", file=sys.stderr)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
+    run = getattr(context.FlowRunContext.get(), "flow_run", None) if context else None
+    return (str(run.id), run.name) if run is not None else None
 
 
 def _descendants() -> list[psutil.Process]:
