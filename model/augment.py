@@ -110,10 +110,7 @@ def crop_flip_at(
 
 
 def cutout(
-    x: torch.Tensor,
-    size: int,
-    generator: torch.Generator | None = None,
-    return_boxes: bool = False,
+    x: torch.Tensor, size: int, generator: torch.Generator | None = None, return_boxes: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Zero one size x size square per image, its centre uniform over the image's pixels and
     the square clipped at the borders (DeVries & Taylor, 2017). `size` 0 is the identity.
@@ -142,12 +139,8 @@ def cutout(
     return out
 
 
-def crop_flip(
-    x: torch.Tensor,
-    padding: int = 4,
-    generator: torch.Generator | None = None,
-    cutout_size: int = 0,
-) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
+              cutout_size: int = 0) -> torch.Tensor:
     """The fast recipe's augmentation: random crop (pad `padding`, zero fill, offsets uniform
     in [0, 2 * padding]) and flip (p = 0.5) in one gather, then cutout if `cutout_size` > 0.
     Draws the offsets, then the flips, then the cutout centres."""

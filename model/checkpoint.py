@@ -150,15 +150,11 @@ def restore_training_state(state, config, model, optimizer, scheduler, ema, path
 
 
 class CheckpointWriter:
-    """Writes training checkpoints to `path` on a background thread, at most every
+    """Writes training checkpoints to `path` atomically on a background thread, at most every
     `interval` seconds (0: every time it is asked), then calls `on_written(path)` there too
-    (an upload to object storage). One write at a time: a new one waits for the last.
-
-    The file is replaced atomically, so a crash mid-write leaves the previous checkpoint.
-    A failed write or upload is raised on the training thread at the next checkpoint or at
-    `close()`. `lost_seconds` is the time the training thread spent on checkpoints: the host
-    copy, and waiting for an earlier write.
-    """
+    (an upload). One write at a time; a failed one is raised on the training thread at the
+    next checkpoint or at `close()`. `lost_seconds`: the training thread's time on
+    checkpoints (the host copy, waiting for an earlier write)."""
 
     def __init__(self, path: Path, interval: float,
                  on_written: Callable[[Path], None] | None = None):

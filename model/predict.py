@@ -49,15 +49,8 @@ def to_device_images(images: np.ndarray | torch.Tensor, device: torch.device) ->
 
 
 @torch.no_grad()
-def logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    batch_size: int = 1000,
-    tta: bool = False,
-    bf16: bool = False,
-    channels_last: bool = False,
-) -> torch.Tensor:
+def logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1000, tta: bool = False,
+           bf16: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Float32 logits (N, 10) for uint8 NCHW `images` already on the model's device.
 
     With `tta`, the logits of each image and its mirror image are averaged.
@@ -137,12 +130,8 @@ def evaluate(
 
 
 def predict(
-    model: nn.Module,
-    images_uint8: np.ndarray | torch.Tensor,
-    batch_size: int = 1000,
-    tta: bool = False,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
+    model: nn.Module, images_uint8: np.ndarray | torch.Tensor, batch_size: int = 1000,
+    tta: bool = False, device: str | torch.device | None = None, precision: str = "fp32",
     fuse: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels (N,) int64 and probabilities (N, 10) float32 for (N, 32, 32, 3) uint8 images,

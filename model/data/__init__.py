@@ -1,6 +1,5 @@
-"""CIFAR-10 data: every supported source read into uint8 arrays, digested, cached and split.
-
-Every array leaves this package as (N, 32, 32, 3) uint8 RGB with int64 labels.
+"""CIFAR-10 data: every supported source read into (N, 32, 32, 3) uint8 RGB arrays with
+int64 labels, digested, cached and split.
 
 - `arrays`: the normalised shapes, their digest, `Split`, and `InvalidInputError`;
 - `dataset`: `load_dataset`, the stratified validation hold-out;

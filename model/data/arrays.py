@@ -63,12 +63,8 @@ def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def source_digest(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test_images: np.ndarray | None,
-    test_labels: np.ndarray | None,
-) -> str:
+def source_digest(train_images: np.ndarray, train_labels: np.ndarray,
+                  test_images: np.ndarray | None, test_labels: np.ndarray | None) -> str:
     train = content_digest(train_images, train_labels)
     if test_images is None or test_labels is None:
         # A train-only source is digested exactly like a Split of the same rows.
@@ -141,14 +137,9 @@ class RawData:
     digest: str
 
     @classmethod
-    def of(
-        cls,
-        train_images: np.ndarray,
-        train_labels: np.ndarray,
-        test_images: np.ndarray | None,
-        test_labels: np.ndarray | None,
-        classes: tuple[str, ...],
-    ) -> RawData:
+    def of(cls, train_images: np.ndarray, train_labels: np.ndarray,
+           test_images: np.ndarray | None, test_labels: np.ndarray | None,
+           classes: tuple[str, ...]) -> RawData:
         """Digested here, so that no source can hand out arrays under another's digest."""
         digest = source_digest(train_images, train_labels, test_images, test_labels)
         return cls(train_images, train_labels, test_images, test_labels, classes, digest)

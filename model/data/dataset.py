@@ -77,12 +77,8 @@ def _subset(split: Split, train_size: int, seed: int) -> Split:
 
 
 def load_dataset(
-    source: str | os.PathLike[str],
-    *,
-    val_size: int = 5000,
-    seed: int = 0,
-    train_size: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
+    source: str | os.PathLike[str], *, val_size: int = 5000, seed: int = 0,
+    train_size: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
     shared_cache: SharedCache | None = None,
 ) -> Dataset:
     """Read `source`, hold out a stratified validation split of `val_size` rows, then keep a

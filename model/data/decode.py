@@ -81,11 +81,8 @@ def decode_images(blobs: list[bytes | None]) -> np.ndarray:
     try:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             try:
-                futures = [
-                    (a, pool.submit(_decode_chunk, a, blobs[a:b]))
-                    for a, b in itertools.pairwise(bounds)
-                    if b > a
-                ]
+                futures = [(a, pool.submit(_decode_chunk, a, blobs[a:b]))
+                           for a, b in itertools.pairwise(bounds) if b > a]
                 for a, future in futures:
                     chunk = future.result()
                     out[a : a + len(chunk)] = chunk

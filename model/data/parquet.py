@@ -154,11 +154,8 @@ def read_parquet(path: Path, source: str) -> RawData:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(
-            path,
-            thrift_string_size_limit=_THRIFT_STRING_LIMIT,
-            thrift_container_size_limit=_THRIFT_CONTAINER_LIMIT,
-        )
+        pf = pq.ParquetFile(path, thrift_string_size_limit=_THRIFT_STRING_LIMIT,
+                            thrift_container_size_limit=_THRIFT_CONTAINER_LIMIT)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise InvalidInputError(f"{source} is not a Parquet file: {e}") from e
