@@ -37,10 +37,8 @@ def _check_images(x: torch.Tensor, caller: str, rgb: bool = False) -> None:
 
 def _check_generator(x: torch.Tensor, generator: torch.Generator | None) -> None:
     if generator is not None and generator.device.type != x.device.type:
-        raise ValueError(
-            f"generator is on {generator.device} but the images are on {x.device}; "
-            "create it with torch.Generator(device=images.device)"
-        )
+        raise ValueError(f"generator is on {generator.device} but the images are on "
+                         f"{x.device}; create it with torch.Generator(device=images.device)")
 
 
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:

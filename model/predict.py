@@ -119,9 +119,8 @@ def inference_model(model: nn.Module, device: str | torch.device | None = None) 
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, accuracy) as 0-d device tensors: no host sync here."""
     y = logits(model, images, **kwargs)
     loss = F.cross_entropy(y, labels)

@@ -50,9 +50,8 @@ def _validate_competition(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _validate_images(data: Any, what: str) -> np.ndarray:
     if not isinstance(data, np.ndarray):
-        raise InvalidInputError(
-            f"{what}: b'data' is a {type(data).__name__}, expected a numpy uint8 array"
-        )
+        raise InvalidInputError(f"{what}: b'data' is a {type(data).__name__}, expected a "
+                                "numpy uint8 array")
     if data.dtype != np.uint8:
         raise InvalidInputError(f"{what}: b'data' has dtype {data.dtype}, expected uint8")
     shape = data.shape
