@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
@@ -185,8 +185,10 @@ def _descendants() -> list[psutil.Process]:
         return []
 
 
-def stop_processes(processes: list[psutil.Process], timeout: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL whatever is left after `timeout` seconds."""
+def stop_processes(processes: Iterable[psutil.Process], timeout: float = 3.0) -> int:
+    """SIGTERM, then SIGKILL whatever is left after `timeout` seconds; how many were
+    killed. The one process stopper: the local stack (infra/procs.py) uses it too."""
+    processes = list(processes)
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
@@ -195,6 +197,7 @@ def stop_processes(processes: list[psutil.Process], timeout: float = 3.0) -> Non
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(alive, timeout=1)
+    return len(alive)
 
 
 # ------------------------------------------------------------------ the embedded server

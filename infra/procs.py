@@ -3,10 +3,10 @@ directory, configured in `<state>/stack/supervisor/`, each program logging to
 `<state>/stack/logs/<name>.log` and restarted when it exits.
 
 The project's own part: which programs to run (one file each, so that supervisord's
-`reloadConfig` tells what changed), reading their state, and `stop_processes`, the one
-process stopper (psutil). Flow runs start sessions of their own, and a supervisord killed
-with SIGKILL leaves its programs running: every program's environment carries
-`CIFAR_STACK=<state>/stack`, which finds all of them.
+`reloadConfig` tells what changed) and reading their state. Processes are stopped by the
+project's one process stopper, `flows.interrupts.stop_processes` (psutil). Flow runs start
+sessions of their own, and a supervisord killed with SIGKILL leaves its programs running:
+every program's environment carries `CIFAR_STACK=<state>/stack`, which finds them all.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `procs.py exec` runs as a script
+    sys.path.insert(0, str(REPO))
+
+from flows.interrupts import stop_processes  # noqa: E402  (the one process stopper)
 
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 START_SECONDS = 5  # a program must stay up this long to count as started
@@ -116,20 +122,6 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- stopping
-
-
-def stop_processes(procs: Iterable[psutil.Process], timeout: float = STOP_TIMEOUT) -> int:
-    """SIGTERM to each, SIGKILL to those still alive after `timeout`; how many were killed."""
-    procs = list(procs)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return len(alive)
 
 
 def stack_processes(root: Path) -> list[psutil.Process]:
@@ -226,7 +218,7 @@ class Supervisor:
                              f"socket ({self.socket}); choose a shorter --state-dir")
         leftovers = stack_processes(self.root)
         if leftovers:
-            killed = stop_processes(leftovers)
+            killed = stop_processes(leftovers, STOP_TIMEOUT)
             print(f"  stopped {len(leftovers)} process(es) an earlier supervisord left "
                   f"({killed} killed)")
         for folder in (self.home, self.programs_dir, self.log.parent):
@@ -297,7 +289,7 @@ class Supervisor:
             family = []
         with contextlib.suppress(xmlrpc.client.Fault):  # NOT_RUNNING
             rpc.stopProcess(name)
-        stop_processes(p for p in family if p.is_running())
+        stop_processes((p for p in family if p.is_running()), STOP_TIMEOUT)
 
     def stop(self, names: Iterable[str]) -> None:
         """Stop and drop these programs (workers first, then servers, as given)."""
@@ -348,7 +340,7 @@ def exec_fresh(argv: Sequence[str]) -> None:
                 stale.append(p)
     if stale:
         print(f"stopping {len(stale)} process(es) an earlier {name} left", flush=True)
-        stop_processes(stale)
+        stop_processes(stale, STOP_TIMEOUT)
     os.execvp(argv[0], list(argv))
 
 

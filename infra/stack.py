@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:  # run as a script: `python infra/stack.py ...`
 
 from infra import postgres, provision, services, workers  # noqa: E402
 from infra.procs import (  # noqa: E402
+    STOP_TIMEOUT,
     StackError,
     Supervisor,
     locked,
@@ -188,7 +189,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"stopped {len(names)} program(s) and supervisord")
         leftovers = stack_processes(root)
         if leftovers:
-            killed = stop_processes(leftovers)
+            killed = stop_processes(leftovers, STOP_TIMEOUT)
             print(f"stopped {len(leftovers)} more process(es) of this stack ({killed} killed)")
     print(f"stopped; data kept under {root}")
     return 0
