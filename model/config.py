@@ -1,10 +1,8 @@
 """What a training job is: its config, the recipe table, and the data it trains on.
 
-Every option is declared once, here, as a dataclass field whose metadata carries its
-bounds and its help line. Plain dataclasses keep `model/` free of anything but PyTorch;
-the flows turn the same fields into the Prefect form and the command-line options
-(flows/config.py), so a new option is one field here plus, if recipes differ on it, one
-entry per column of RECIPE_DEFAULTS.
+Every option is declared once, here, as a dataclass field whose metadata carries its bounds
+and help line (plain dataclasses keep `model/` free of anything but PyTorch); flows/config.py
+turns the same fields into the Prefect form and the command-line options.
 """
 
 from __future__ import annotations
@@ -32,37 +30,26 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 # Every recipe default, with its unit and its reason. A config field left as None takes
 # the value of its recipe's column.
+_REPORT = dict(
+    epochs=75,  # epochs: the report's budget
+    batch_size=128,  # images per step: the report's
+    lr=1e-3,  # Adam step size: the report's
+    weight_decay=1e-4,  # L2 coefficient inside Adam: the report's
+    decay_norm_and_bias=True,  # the report decayed every parameter
+    momentum=0.9,  # unused by Adam; kept so every config has one shape
+    label_smoothing=0.0,  # the report used plain cross-entropy
+    warmup_epochs=0.0,  # the report had no warm-up
+    cutout=0,  # pixels; the report had no cutout
+    tta=False,  # the report scored single views
+    precision="fp32",  # the report trained in fp32
+    channels_last=False,
+    ema=0.0,  # weight EMA decay per step; the report had no weight averaging
+)
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "reference": dict(
-        epochs=75,  # epochs: the report's budget
-        batch_size=128,  # images per step: the report's
-        lr=1e-3,  # Adam step size: the report's
-        weight_decay=1e-4,  # L2 coefficient inside Adam: the report's
-        decay_norm_and_bias=True,  # the report decayed every parameter
-        momentum=0.9,  # unused by Adam; kept so every config has one shape
-        label_smoothing=0.0,  # the report used plain cross-entropy
-        warmup_epochs=0.0,  # the report had no warm-up
-        cutout=0,  # pixels; the report had no cutout
-        tta=False,  # the report scored single views
-        precision="fp32",  # the report trained in fp32
-        channels_last=False,
-        ema=0.0,  # weight EMA decay per step; the report had no weight averaging
-    ),
-    "paper": dict(
-        epochs=75,
-        batch_size=128,
-        lr=1e-3,
-        weight_decay=1e-4,
-        decay_norm_and_bias=True,
-        momentum=0.9,
-        label_smoothing=0.0,
-        warmup_epochs=0.0,
-        cutout=0,
-        tta=False,
-        precision="auto",  # bf16 on CUDA: tensor cores; fp32 on the CPU, where bf16 is slow
-        channels_last=True,  # NHWC convolutions are the fast path for cuDNN with bf16
-        ema=0.0,  # the report's hyperparameters: no weight averaging
-    ),
+    "reference": _REPORT,
+    # The report's hyperparameters on the fast path: bf16 on CUDA for the tensor cores (fp32
+    # on the CPU, where bf16 is slow) and NHWC, cuDNN's fast layout with bf16.
+    "paper": {**_REPORT, "precision": "auto", "channels_last": True},
     "fast": dict(
         epochs=40,  # reaches the report's accuracy on this copy in about 40 epochs
         batch_size=512,  # fills an H100 with these small images; lr is scaled to match
@@ -131,14 +118,13 @@ def validate(instance: Any) -> None:
 
 
 def config_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """Each field of a config dataclass with its resolved type: what the forms and the
-    command-line options are built from."""
+    """Each field of a config dataclass with its resolved type."""
     hints = typing.get_type_hints(cls, globalns=globals())
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
 def default_of(f: dataclasses.Field) -> Any:
-    """The field's default; a default factory runs now, when it is asked for."""
+    """The field's default; a default factory runs now."""
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
@@ -153,10 +139,6 @@ def plain_type(type_: Any) -> Any:
     if is_optional(type_):
         type_ = next(a for a in get_args(type_) if a is not type(None))
     return get_args(type_)[0] if get_origin(type_) is Annotated else type_
-
-
-def _default_workers() -> int:
-    return min(16, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -222,8 +204,8 @@ class TrainConfig:
         "on CUDA. A failing compile falls back to eager")
     compile_mode: CompileMode = option("default", "torch.compile mode; reduce-overhead adds "
                                        "CUDA graphs")
-    workers: int = option(_default_workers, "DataLoader worker processes (reference recipe)",
-                          ge=0, le=256)
+    workers: int = option(lambda: min(16, os.cpu_count() or 1),
+                          "DataLoader worker processes (reference recipe)", ge=0, le=256)
     checkpoint_seconds: float = option(
         CHECKPOINT_SECONDS, "write a checkpoint at most this often (and after the last "
         "epoch); 0 = after every epoch", ge=0, finite=True)
@@ -236,8 +218,7 @@ class TrainConfig:
         validate(self)
         if self.device != "auto":
             _check_device(self.device)
-        defaults = RECIPE_DEFAULTS[self.recipe]
-        for name, value in defaults.items():
+        for name, value in RECIPE_DEFAULTS[self.recipe].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.warmup_epochs is None:
@@ -273,10 +254,9 @@ class TrainConfig:
         return getattr(self, f.name) == default
 
     def compiles_on(self, device: Any) -> bool:
-        """Whether training on `device` compiles its step: as set, else on CUDA for the
-        device-resident recipes (`paper`, `fast`), whose many small kernels per step are
-        what compilation fuses. Not `reference`, which is the report's pipeline as it was,
-        and not on a CPU, where the inductor's C++ build costs more than it saves."""
+        """Whether training on `device` compiles its step: as set, else on CUDA for `paper`
+        and `fast`, whose many small kernels compilation fuses (not `reference`, the report's
+        pipeline as it was; not on a CPU, where the C++ build costs more than it saves)."""
         if self.compile is not None:
             return self.compile
         return self.recipe in ("paper", "fast") and device.type == "cuda"
