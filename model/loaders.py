@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
@@ -19,9 +20,8 @@ from model.predict import to_device_images
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
-    """Ctrl-C signals the terminal's whole process group. A worker that died of it
-    mid-batch turns the interrupt into "DataLoader worker exited unexpectedly"; the main
-    process stops its workers itself, and they exit when it does."""
+    """Ctrl-C reaches the whole process group; a worker dying of it mid-batch would turn it
+    into "DataLoader worker exited unexpectedly". The main process stops its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -81,11 +81,10 @@ class _EpochOrder(torch.utils.data.Sampler):
 
 
 class _SeededSamples(torch.utils.data.Dataset):
-    """The report's transforms, each sample's random draws seeded by (seed, epoch, index):
-    the same images whichever worker, and however many workers, transform them. The
-    transforms draw from torch's CPU generator alone, so seeding it alone is enough: a few
-    microseconds, where `torch.manual_seed` in `fork_rng` took a tenth of the transforms'
-    time and slowed the baseline that `paper` is compared with."""
+    """The report's transforms, each sample's draws seeded by (seed, epoch, index): the same
+    images whichever and however many workers transform them. They draw from torch's CPU
+    generator alone, so seeding only it suffices (`torch.manual_seed` in `fork_rng` took a
+    tenth of the transforms' time, slowing the baseline `paper` is compared with)."""
 
     def __init__(self, dataset: reference_pipeline.PILDataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -112,15 +111,9 @@ class ReferenceLoader:
         self.device, self.batch_size = device, batch_size
         self.steps_per_epoch = math.ceil(len(split) / batch_size)
         self.loader = torch.utils.data.DataLoader(
-            _SeededSamples(dataset, seed),
-            batch_size=batch_size,
-            sampler=self.order,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda",
-            drop_last=False,
-            worker_init_fn=_ignore_ctrl_c,
-        )
+            _SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.order,
+            num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda", worker_init_fn=_ignore_ctrl_c)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.order.epoch = epoch
@@ -138,12 +131,7 @@ def make_loader(config: TrainConfig, split: Split, device: torch.device):
         return ReferenceLoader(split, device, config.batch_size, config.seed, config.workers)
     if config.recipe == "paper":
         augmenter = augment.report_augment
-    elif config.cutout:
-        cutout = config.cutout
-
-        def augmenter(x, generator=None):
-            return augment.crop_flip(x, cutout_size=cutout, generator=generator)
     else:
-        augmenter = augment.crop_flip
+        augmenter = partial(augment.crop_flip, cutout_size=config.cutout)
     return DeviceLoader(split, device, config.batch_size, config.seed, augmenter,
                         config.channels_last)

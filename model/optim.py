@@ -46,8 +46,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
         optimizer = torch.optim.Adam(groups, lr=config.lr,
                                      fused=on_cuda and config.recipe == "paper")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
-        )
+            optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
         return optimizer, scheduler, False
     # Linear scaling keeps one `lr` right for the smoke profile's batch 64 and the full
     # profile's 512 alike: SGD with momentum diverges at batch 64 with batch 512's rate.
@@ -78,13 +77,11 @@ class WarmupLinearDecay:
 
 
 class WeightEMA:
-    """An exponential moving average of a model's parameters, kept in a copy of the model.
+    """An exponential moving average of a model's parameters, in a copy of the model.
 
-    After each optimizer step, average <- average + (1 - d) * (weights - average), with
-    d = min(decay, (1 + n) / (EMA_WARMUP + n)) at the n-th update, so that the random
-    initial weights wash out of short runs. Buffers (the batch-norm statistics) are copied,
-    not averaged. One foreach kernel per tensor list and a host-side counter: no device
-    sync.
+    Each update lerps the average toward the weights by 1 - d, d = min(decay, (1 + n) /
+    (EMA_WARMUP + n)), so the random initial weights wash out of short runs. Buffers (the
+    batch-norm statistics) are copied, not averaged; a host-side counter avoids device syncs.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -116,17 +113,14 @@ class WeightEMA:
 def compile_step(model: nn.Module, warm_up: Callable[[nn.Module, int], None],
                  device: torch.device, mode: str) -> tuple[nn.Module, float, bool]:
     """(step model, seconds, fell back): `model` compiled with static shapes, then driven by
-    `warm_up(compiled, COMPILE_WARMUP_STEPS)`: the training loop's own step on as many batches
-    (compile, CUDA-graph recording and first replays, the step's outputs kept alive as the
-    loop keeps them), so that none of it lands in the timed training. The warm-up touches
-    no weights: its gradients are dropped and the batch-norm statistics it moved are put
-    back.
+    `warm_up(compiled, COMPILE_WARMUP_STEPS)`, the loop's own step, so that compiling and
+    CUDA-graph recording stay out of the timed training. The warm-up touches no weights:
+    its gradients are dropped and the batch-norm statistics it moved are put back.
 
-    Compilation fails in ways that depend on the machine (no C++ compiler, no Triton for
-    this GPU, an unsupported operator, out of memory while autotuning, a failed graph
-    capture). Training does not need it, so a failure logs one warning and the step runs
-    eager: (model, seconds spent trying, True). The failure is remembered for the rest of
-    the process: later runs on the same device type and mode train eager without retrying.
+    Compilation fails in machine-dependent ways (no C++ compiler or Triton, an unsupported
+    operator, out of memory while autotuning, a failed capture). Training does not need it:
+    a failure logs a warning, returns (model, seconds spent, True), and is remembered, so
+    later runs on the same device type and mode train eager without retrying.
     """
     key = (device.type, mode)
     if key in COMPILE_FAILURES:
