@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
+from statistics import mean, stdev
 from typing import get_args
 
 import torch
 
 from model import gpucheck, measure
 from model.config import DataConfig, Recipe, TrainConfig, Variant, add_options, option_specs
-from model.data import Dataset
 from model.errors import UserError
 from model.measure import Row, run_prediction, train_config, train_row
 from model.predict import resolve_device
@@ -35,42 +34,36 @@ ROWS = [("recipes", list[Recipe], list(get_args(Recipe)), "recipes to train"),
         ("seeds", list[int], [0], "training seeds, one row each")]
 
 
-def run_training(args, data: Dataset, device: torch.device) -> list[Row]:
-    return [train_row(train_config(args, recipe, variant, seed, device), data, device,
-                      verbose=args.verbose)
-            for variant in args.variants for recipe in args.recipes for seed in args.seeds]
+def _groups(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """The rows by (recipe, variant), in the order they ran."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.recipe, r.variant), []).append(r)
+    return groups
 
 
 def format_ratios(rows: list[Row]) -> str:
     """Seconds per epoch of `reference` over each recipe's, per variant, from this run."""
+    per_epoch = {key: mean(r.seconds_per_epoch for r in group)
+                 for key, group in _groups(rows).items()}
     lines = []
-    for variant in sorted({r.variant for r in rows}):
-        base = [r.seconds_per_epoch for r in rows if r.variant == variant
-                and r.recipe == "reference"]
-        if not base:
-            continue
-        ref = statistics.mean(base)
-        for recipe in sorted({r.recipe for r in rows if r.variant == variant}):
-            if recipe == "reference":
-                continue
-            mine = statistics.mean(r.seconds_per_epoch for r in rows
-                                   if r.variant == variant and r.recipe == recipe)
+    for recipe, variant in sorted(per_epoch, key=lambda key: key[::-1]):
+        ref = per_epoch.get(("reference", variant))
+        if recipe != "reference" and ref is not None:
+            mine = per_epoch[recipe, variant]
             lines.append(f"{recipe}/{variant}: {ref / mine:.1f}x faster per epoch than "
                          f"reference/{variant} ({mine:.2f} s vs {ref:.2f} s)")
     return "\n".join(lines)
 
 
 def format_seed_means(rows: list[Row]) -> str:
+    """Validation accuracy (flip TTA where scored) as mean ± std over seeds, per row kind."""
     lines = []
-    groups: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.recipe, r.variant), []).append(r)
-    for (recipe, variant), group in groups.items():
-        if len(group) < 2:
-            continue
-        accs = [r.val_acc_tta if r.val_acc_tta is not None else r.val_acc for r in group]
-        lines.append(f"{recipe}/{variant} over {len(group)} seeds: "
-                     f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f} %")
+    for (recipe, variant), group in _groups(rows).items():
+        if len(group) > 1:
+            accs = [r.val_acc if r.val_acc_tta is None else r.val_acc_tta for r in group]
+            lines.append(f"{recipe}/{variant} over {len(group)} seeds: {100 * mean(accs):.2f}"
+                         f" ± {100 * stdev(accs):.2f} %")
     return "\n".join(lines)
 
 
@@ -129,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(measure.format_predict_table(pred))
         result["predict"] = pred
     else:
-        rows = run_training(args, data, device)
+        rows = [train_row(train_config(args, recipe, variant, seed, device), data, device,
+                          verbose=args.verbose)
+                for variant in args.variants for recipe in args.recipes for seed in args.seeds]
         print(measure.format_table(rows))
         for text in (format_ratios(rows), format_seed_means(rows)):
             if text:
