@@ -26,10 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACT_BUCKET = "cifar-mlflow"
 OBJECT_BUCKET = "cifar-pipeline"
 HEALTH_TIMEOUT = 180.0  # seconds for all services to answer; Prefect's first start migrates
-S3_ENV = {
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",  # pyarrow would ask EC2 for a region otherwise
-}
+# pyarrow would ask EC2 for a region without these.
+S3_ENV = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 MLFLOW_USER = "admin"
 PREFECT_USER = "admin"
 # SeaweedFS listens on an HTTP and a gRPC port per part; all of them get free ports.
@@ -53,10 +51,6 @@ class Stack:
     @property
     def state_dir(self) -> Path:
         return self.root.parent
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "stack.json"
 
     @property
     def s3_endpoint(self) -> str:
@@ -93,7 +87,7 @@ class Stack:
     def save(self) -> None:
         body = {"host": HOST, "ports": self.ports, "s3_external_endpoint": self.s3_external,
                 "auth": self.auth}
-        write_text(self.config_path, json.dumps(body, indent=2) + "\n")
+        write_text(self.root / "stack.json", json.dumps(body, indent=2) + "\n")
 
     @classmethod
     def load(cls, root: Path) -> Stack | None:
@@ -140,23 +134,18 @@ def port_free(port: int) -> bool:
 # --------------------------------------------------------------------------- secrets
 
 
-def _new_secrets() -> dict[str, str]:
-    return {
-        "s3_access_key_id": f"STACK{secrets.token_hex(8).upper()}",
-        "s3_secret_access_key": secrets.token_urlsafe(30),
-        "postgres_password": secrets.token_urlsafe(24),
-        "mlflow_admin_password": secrets.token_urlsafe(24),
-        "mlflow_flask_secret_key": secrets.token_urlsafe(32),
-        "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(24)}",
-    }
-
-
 def secrets_for(stack: Stack) -> dict[str, str]:
     """Credentials generated on the first `up` and kept (0600) for later ones: the
     database, the S3 identity and the MLflow admin user keep the first ones they got."""
     path = stack.root / "secrets.json"
     values = json.loads(path.read_text()) if path.exists() else {}
-    missing = {k: v for k, v in _new_secrets().items() if k not in values}
+    new = {"s3_access_key_id": f"STACK{secrets.token_hex(8).upper()}",
+           "s3_secret_access_key": secrets.token_urlsafe(30),
+           "postgres_password": secrets.token_urlsafe(24),
+           "mlflow_admin_password": secrets.token_urlsafe(24),
+           "mlflow_flask_secret_key": secrets.token_urlsafe(32),
+           "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(24)}"}
+    missing = {k: v for k, v in new.items() if k not in values}
     if missing:
         values.update(missing)
         write_text(path, json.dumps(values, indent=2) + "\n", mode=0o600)
@@ -224,14 +213,10 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def prefect_home(stack: Stack) -> Path:
-    return stack.root / "prefect"
-
-
 def tool_env(stack: Stack) -> dict[str, str]:
     """The environment of the prefect CLI calls and the workers."""
     env = _base_env()
-    env["PREFECT_HOME"] = str(prefect_home(stack))
+    env["PREFECT_HOME"] = str(stack.root / "prefect")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.update(client_env(stack))
     env["CIFAR10_CACHE_DIR"] = str(stack.state_dir / "cache")
@@ -269,7 +254,7 @@ def _s3_program(stack: Stack) -> Program:
 
 
 def _prefect_program(stack: Stack) -> Program:
-    home = prefect_home(stack)
+    home = stack.root / "prefect"
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     password = secrets_for(stack)["postgres_password"]
     env = _base_env()

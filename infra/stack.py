@@ -83,7 +83,7 @@ def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> Non
                 if name not in running and not services.port_free(port):
                     raise StackError(f"port {port} for {name} is taken by a process this "
                                      f"stack did not start; stop it, or delete "
-                                     f"{stack.config_path} so that `up` picks new ports")
+                                     f"{stack.root / 'stack.json'} so that `up` picks new ports")
         for line in supervisor.apply([SERVICES[n].program(stack) for n in stage]):
             print(f"  {line}")
         for name in stage:
