@@ -12,7 +12,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -118,12 +118,9 @@ def time_to_accuracy(history: list[dict], goals: tuple[float, ...]) -> dict:
     accuracy first reached it (None: never)."""
     out: dict[str, dict | None] = {}
     for goal in goals:
-        out[f"{goal:.3f}"], seconds = None, 0.0
-        for n, h in enumerate(history, start=1):
-            seconds += h["train_seconds"]
-            if h["val/acc"] >= goal:
-                out[f"{goal:.3f}"] = {"epochs": n, "train_seconds": seconds}
-                break
+        n = next((n for n, h in enumerate(history, start=1) if h["val/acc"] >= goal), None)
+        seconds = sum(h["train_seconds"] for h in history[:n])
+        out[f"{goal:.3f}"] = None if n is None else {"epochs": n, "train_seconds": seconds}
     return out
 
 
@@ -137,15 +134,11 @@ def card_peak(device: torch.device) -> tuple[str, float | None]:
 
 
 def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
-    """Time `predict` against the path it replaced on up to 10,000 images, per variant and
-    with and without TTA; model construction apart, `predict`'s own preparation (batch-norm
-    folding) included. The two paths take turns every PREDICT_SLICE images, so that other
-    work on a shared machine slows both alike and their ratio stays fair."""
-    images = data.val.images
-    if len(images) < args.predict_images:
-        reps = -(-args.predict_images // len(images))
-        images = np.concatenate([images] * reps)
-    images = images[: args.predict_images]
+    """Time `predict`, its preparation (batch-norm folding) included, against the path it
+    replaced, per variant, with and without TTA. The paths take turns every PREDICT_SLICE
+    images, so that other work on a shared machine slows both alike."""
+    # The validation images, repeated as needed: (predict_images, 32, 32, 3) uint8
+    images = np.resize(data.val.images, (args.predict_images, *data.val.images.shape[1:]))
     precision = "bf16" if device.type == "cuda" else "fp32"
     kwargs = dict(batch_size=args.predict_batch, device=device, precision=precision)
     out = []
@@ -182,11 +175,9 @@ def run_prediction(args, data: Dataset, device: torch.device) -> list[dict]:
                 for name in ("baseline", "fast"))
             base_s, fast_s = seconds["baseline"], seconds["fast"]
             out.append({
-                "variant": variant, "tta": tta, "images": len(images),
-                "baseline_seconds": base_s,
-                "baseline_images_per_second": len(images) / base_s,
-                "seconds": fast_s, "images_per_second": len(images) / fast_s,
-                "speedup": base_s / fast_s,
+                "variant": variant, "tta": tta, "images": len(images), "baseline_seconds": base_s,
+                "baseline_images_per_second": len(images) / base_s, "seconds": fast_s,
+                "images_per_second": len(images) / fast_s, "speedup": base_s / fast_s,
                 "max_prob_diff": float(np.abs(probs - base_probs).max(initial=0.0)),
                 "labels_differ": int((labels != base_labels).sum()),
             })
@@ -253,8 +244,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def _compile_cell(r: Row) -> str:
-    """Compile seconds; `eager` when the step was not compiled, `failed` when compiling was
-    tried and fell back to eager (the log says why)."""
+    """Compile seconds; `eager` when not compiled, `failed` when compiling fell back to eager."""
     if r.compiled:
         return f"{r.compile_seconds:.1f}"
     return "failed" if r.compile_fallback else "eager"
@@ -272,14 +262,12 @@ def load_data(args) -> Dataset:
         data = synthetic_dataset(args.train_size, args.val_size)
     if args.test:
         test = load_dataset(args.test, val_size=0, cache_dir=args.cache_dir)
-        data = Dataset(data.train, data.val, test.test or test.train, data.classes,
-                       data.digest, data.source)
+        data = replace(data, test=test.test or test.train)
     return data
 
 
 def environment(data: Dataset | None, device: torch.device, argv: list[str] | None) -> dict:
-    """What ran where: the card and its peak, versions, the commit, the exact command and
-    the data (once loaded)."""
+    """What ran where: card, peak, versions, commit, the exact command, the data once loaded."""
     name, peak = card_peak(device)
     command = sys.orig_argv if argv is None else ["python", "-m", "model.bench", *argv]
     return {
