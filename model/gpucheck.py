@@ -4,12 +4,10 @@
     python -m model.bench --check best --variants deep,light [--best-seconds deep=200]
     python -m model.bench --check --smoke                # CPU, synthetic data: the plumbing
 
-The default mode measures targets 1 (speed half), 2, 4 and 5 within 5 minutes, data and
-compiles included; `best` trains `fast` to each variant's time budget (target 3). The plan,
-with each row's predicted seconds, is printed first. Rows run so that the most targets are
-measured when time runs out (prediction, the speed pairs, `fast`, then its options), and a
-row predicted to end past the budget is skipped. The JSON file is written before the data
-loads and after every row; a SIGTERM leaves it `interrupted` with every finished row.
+The default mode measures targets 1 (speed half), 2, 4 and 5 within 5 minutes; `best`
+trains `fast` to each variant's time budget (target 3). Rows run in the order that measures
+the most targets if time runs out; one predicted to end past the budget is skipped. The JSON
+file is rewritten after every row; a SIGTERM leaves it `interrupted` with the finished rows.
 """
 
 from __future__ import annotations
@@ -58,10 +56,9 @@ BEST_BUDGETS = {"deep": 180.0, "light": 150.0}
 SMOKE_BEST_SECONDS = 5.0
 DEFAULT_SECONDS = 300.0  # the default mode's wall-time budget
 DATA_SECONDS = 60.0  # `best`'s budget beyond its rows': decoding the data, the file
-# The plan's predictions until this run has measured the machine: seconds per epoch of
-# 45,000 images on an H100, compiled where the recipe compiles (reference: earlier runs with
-# 16 workers; paper and fast: the efficiency goals), a cold compile, and per row the
-# network, loader workers and final scoring. A measured row rescales the epoch times.
+# The plan's priors until a measured row rescales them: seconds per epoch of 45,000 images on
+# an H100, compiled where the recipe compiles (reference: earlier 16-worker runs; paper and
+# fast: the efficiency goals), a cold compile, and per row its setup and final scoring.
 PRIOR_EPOCH_SECONDS = {("reference", "deep"): 6.4, ("reference", "light"): 4.3,
                        ("paper", "deep"): 1.6, ("paper", "light"): 1.1,
                        ("fast", "deep"): 0.9, ("fast", "light"): 0.5}
@@ -254,10 +251,6 @@ class Report:
                                                    self.variants)
         self.write()
 
-    def skip(self, step: Step, why: str) -> None:
-        self.payload["skipped"].append({"row": step.name, "purpose": step.purpose, "why": why})
-        self.write()
-
     def finish(self, status: str, **why) -> None:
         self.payload.update(status=status, **why)
         self.write()
@@ -299,7 +292,9 @@ def run_check(args, device: torch.device, argv: list[str] | None) -> int:
                 why = (f"predicted {needed:.0f} s{' with ' + step.pair.name if step.pair else ''}"
                        f", {left:.0f} s of the {args.budget_seconds:.0f} s budget left")
                 measure.note(f"skipping {step.name}: {why}")
-                report.skip(step, why)
+                report.payload["skipped"].append({"row": step.name, "purpose": step.purpose,
+                                                  "why": why})
+                report.write()
                 continue
             report.payload["current"] = step.name
             row_started = time.perf_counter()

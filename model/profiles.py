@@ -19,8 +19,7 @@ class Profile:
     fast_overrides: dict = field(default_factory=dict)  # on top of those, `fast` only
 
     def overrides_for(self, recipe: str) -> dict:
-        """TrainConfig fields this profile sets for `recipe`. The report's recipes keep
-        their own budget; the best-accuracy settings are `fast`'s."""
+        """TrainConfig fields this profile sets for `recipe` (`fast_overrides` for fast only)."""
         return {**self.overrides, **(self.fast_overrides if recipe == "fast" else {})}
 
 

@@ -34,9 +34,8 @@ def _t_pdf(t: float, df: float) -> float:
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The x with P(T <= x) = p. Newton's method from the normal quantile: for p > 1/2 that
-    start lies below the root and the CDF is concave there, so every step stays below it
-    and the steps shrink monotonically to it."""
+    """The x with P(T <= x) = p, by Newton's method from the normal quantile (for p > 1/2 it
+    starts below the root, where the CDF is concave, so the steps shrink monotonically)."""
     if not (0 < p < 1 and df > 0):
         raise ValueError(f"t quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
     if p < 0.5:
@@ -66,9 +65,8 @@ def welch(a, b, level: float = LEVEL) -> dict | None:
 
 
 def seed_statistics(rows) -> dict:
-    """rows: (variant, {metric: value}) per trained seed. Returns {"variants": {variant:
-    {metric: spread}}, "deep_minus_light": {metric: welch or None}}, metrics of
-    SEED_METRICS that some row has."""
+    """rows: (variant, {metric: value}) per seed -> {"variants": {variant: {metric: spread}},
+    "deep_minus_light": {metric: welch or None}} over the SEED_METRICS some row has."""
     by_variant: dict[str, list[dict]] = {}
     for variant, metrics in rows:
         by_variant.setdefault(variant, []).append(metrics)
