@@ -20,15 +20,8 @@ log = logging.getLogger(__name__)
 
 # put_file sends files at least this big as a managed multipart upload.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; checkpoints (~20-60 MB) stay single PUTs
-_CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "InvalidToken",
-    "ExpiredToken",
-    "403",
-    "Forbidden",
-}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                     "InvalidToken", "ExpiredToken", "403", "Forbidden"}
 _CONFLICT_CODES = {"PreconditionFailed"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _THROTTLE_CODES = {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500"}
@@ -59,18 +52,10 @@ class S3Store(ObjectStore):
     handed to Prefect tasks in other processes.
     """
 
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        max_attempts: int = 5,
-        connect_timeout: float = 5,
-        read_timeout: float = 30,
-        checksums: Literal["when_supported", "when_required"] | None = None,
-    ) -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, max_attempts: int = 5, connect_timeout: float = 5,
+                 read_timeout: float = 30,
+                 checksums: Literal["when_supported", "when_required"] | None = None) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
         if max_attempts < 1:
@@ -134,10 +119,8 @@ class S3Store(ObjectStore):
             **({"request_checksum_calculation": self.checksums} if self.checksums else {}),
         )
         # A private session: boto3's default session is not thread-safe to build clients.
-        session = boto3.session.Session()
-        return session.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def _checksum(self) -> dict[str, str]:
         """The put's checksum argument: SHA-256, or none where only required ones are sent
@@ -155,26 +138,16 @@ class S3Store(ObjectStore):
     def _error(self, e: Exception, action: str, key: str | None) -> StorageError:
         """Turn what botocore raised (after its retries) into a StorageError that says
         what to check."""
-        from botocore.exceptions import (
-            BotoCoreError,
-            ChecksumError,
-            ClientError,
-            ConnectionError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
-            FlexibleChecksumError,
-            HTTPClientError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        from botocore import exceptions as errors
 
         where = self.uri(key) if key is not None else self.uri_prefix
         # boto3's managed upload re-raises ClientError as S3UploadFailedError.
         cause = e.__cause__ or e.__context__
-        if not isinstance(e, ClientError | BotoCoreError) and isinstance(cause, ClientError):
+        if (not isinstance(e, errors.ClientError | errors.BotoCoreError)
+                and isinstance(cause, errors.ClientError)):
             e = cause
 
-        if isinstance(e, ClientError):
+        if isinstance(e, errors.ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
             message = err.get("Message") or ""
@@ -183,8 +156,7 @@ class S3Store(ObjectStore):
             if code == "NoSuchBucket":
                 return StorageError(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint}: "
-                    f"create it or fix the URI {self.uri_prefix!r}"
-                )
+                    f"create it or fix the URI {self.uri_prefix!r}")
             if code in _MISSING_CODES:
                 return MissingObjectError(f"no object at {where}")
             if code in _CONFLICT_CODES:
@@ -192,52 +164,43 @@ class S3Store(ObjectStore):
             if code == "ConditionalRequestConflict":
                 return StorageError(
                     f"{action} {where}: {self.endpoint} was still completing another "
-                    f"conditional write to the key ({code}); retry the task"
-                )
+                    f"conditional write to the key ({code}); retry the task")
             if code in _CREDENTIAL_CODES:
                 return StorageError(
                     f"credentials were refused by {self.endpoint} ({code}) for {action} "
                     f"{where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                    "(or the profile in use) and the bucket policy"
-                )
+                    "(or the profile in use) and the bucket policy")
             if code in ("BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"):
                 return StorageError(
                     f"{action} {where}: {self.endpoint} rejected the upload's checksum "
-                    f"({code}), so the bytes were corrupted in transit; retry the task"
-                )
+                    f"({code}), so the bytes were corrupted in transit; retry the task")
             if code in _THROTTLE_CODES or (status is not None and status >= 500):
                 return StorageError(
                     f"{action} {where}: S3 endpoint {self.endpoint} kept failing "
                     f"({code or status}: {message}) after {attempts} attempts; "
-                    "check the service's health or retry later"
-                )
+                    "check the service's health or retry later")
             return StorageError(
-                f"{action} {where} failed at {self.endpoint}: {code or status}: {message}"
-            )
-        if isinstance(e, NoCredentialsError | PartialCredentialsError):
+                f"{action} {where} failed at {self.endpoint}: {code or status}: {message}")
+        if isinstance(e, errors.NoCredentialsError | errors.PartialCredentialsError):
             return StorageError(
                 f"no usable AWS credentials for {self.endpoint}: set "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-            )
-        if isinstance(e, ChecksumError | FlexibleChecksumError):
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        if isinstance(e, errors.ChecksumError | errors.FlexibleChecksumError):
             return StorageError(
                 f"{action} {where}: the bytes received from {self.endpoint} do not match "
-                f"the stored checksum ({e}); retry, and if it persists the object is corrupt"
-            )
-        if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
+                f"the stored checksum ({e}); retry, and if it persists the object is corrupt")
+        if isinstance(e, errors.EndpointConnectionError | errors.ConnectTimeoutError):
             return StorageError(
                 f"cannot reach S3 endpoint {self.endpoint} after {self.max_attempts} "
                 f"attempts for {action} {where}: {e}; check the endpoint URL "
                 "(AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL), the network, and that the "
-                "service is running"
-            )
-        if isinstance(e, ConnectionError | HTTPClientError):
+                "service is running")
+        if isinstance(e, errors.ConnectionError | errors.HTTPClientError):
             # Connected, then the connection broke: a closed socket, a read timeout.
             return StorageError(
                 f"the connection to S3 endpoint {self.endpoint} broke off during "
                 f"{action} {where}, after {self.max_attempts} attempts: {e}; the service "
-                "or a proxy on the way is dropping requests: check its health, then retry"
-            )
+                "or a proxy on the way is dropping requests: check its health, then retry")
         return StorageError(f"{action} {where} failed at {self.endpoint}: {e}")
 
     def _call(self, action: str, key: str | None, fn: Any, /, **kwargs: Any) -> Any:
@@ -252,12 +215,8 @@ class S3Store(ObjectStore):
     # -- operations ----------------------------------------------------------------
 
     def _put_body(self, key: str, body: Any, content_type: str | None, if_absent: bool) -> str:
-        kwargs: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": self._key(key),
-            "Body": body,
-            **self._checksum(),
-        }
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body,
+                                  **self._checksum()}
         if content_type:
             kwargs["ContentType"] = content_type
         if if_absent:
@@ -280,31 +239,17 @@ class S3Store(ObjectStore):
         from boto3.s3.transfer import TransferConfig
 
         # Multipart is atomic too: the object appears only on CompleteMultipartUpload.
-        self._call(
-            "put",
-            key,
-            self.client.upload_file,
-            Filename=os.fspath(path),
-            Bucket=self.bucket,
-            Key=self._key(key),
-            ExtraArgs=self._checksum(),
-            Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD),
-        )
+        self._call("put", key, self.client.upload_file, Filename=os.fspath(path),
+                   Bucket=self.bucket, Key=self._key(key), ExtraArgs=self._checksum(),
+                   Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD))
         log.debug("stored %s (%d bytes, multipart)", self.uri(key), size)
         return self.uri(key)
 
     def _stream(self, key: str, sink: Any) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        response = self._call(
-            "get",
-            key,
-            self.client.get_object,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            ChecksumMode="ENABLED",
-        )
-        body = response["Body"]
+        body = self._call("get", key, self.client.get_object, Bucket=self.bucket,
+                          Key=self._key(key), ChecksumMode="ENABLED")["Body"]
         try:
             # Reading the body happens outside botocore's retry loop; a drop mid-stream or
             # a checksum mismatch (checked at the end of the stream) surfaces here.
