@@ -29,20 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: `python infra/workers.py ...`
     sys.path.insert(0, str(REPO))
 
-from infra.procs import (  # noqa: E402
-    Program,
-    StackError,
-    Supervisor,
-    read_env_file,
-    stack_dir,
-    tool,
-)
+from infra.procs import Program, StackError, Supervisor, read_env_file, stack_dir, tool  # noqa: E402
 
 CPU_POOL_LIMIT = 4  # flow runs at once on a worker of a pool without GPUs
-
-
-# ---------------------------------------------------------------------------- GPUs
-
+# How often an idle worker asks for work: a GPU that finishes a run starts the next queued
+# one within seconds instead of Prefect's default 10.
+QUERY_SECONDS = 2
 _GPU_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?\s*$")
 
 
@@ -55,12 +47,8 @@ class Gpu:
 
 def parse_gpus(text: str) -> list[Gpu]:
     """GPUs of `nvidia-smi -L` output; MIG instances (indented lines) are not counted."""
-    gpus = []
-    for line in text.splitlines():
-        match = _GPU_LINE.match(line)
-        if match:
-            gpus.append(Gpu(int(match.group(1)), match.group(2), match.group(3)))
-    return gpus
+    matches = (_GPU_LINE.match(line) for line in text.splitlines())
+    return [Gpu(int(m[1]), m[2], m[3]) for m in matches if m]
 
 
 def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[Gpu]:
@@ -81,25 +69,10 @@ def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run
     return parse_gpus(result.stdout)
 
 
-# ------------------------------------------------------------------------- workers
-
-
 def host_name() -> str:
     """The short host name, reduced to characters safe in worker and file names."""
     name = socket.gethostname().split(".")[0]
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "host"
-
-
-def worker_file_name(pool: str, worker: str) -> str:
-    return f"worker.{pool}.{worker}"
-
-
-QUERY_SECONDS = 2
-
-
-def worker_argv(prefect: str, pool: str, name: str, limit: int) -> list[str]:
-    return [prefect, "worker", "start", "--pool", pool, "--type", "process",
-            "--name", name, "--limit", str(limit)]
 
 
 @dataclass(frozen=True)
@@ -112,12 +85,10 @@ class Worker:
 
     @property
     def file_name(self) -> str:
-        return worker_file_name(self.pool, self.name)
+        return f"worker.{self.pool}.{self.name}"
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         env = dict(base)
-        # How often an idle worker asks for work: a GPU that finishes a run starts the next
-        # queued one within seconds instead of Prefect's default 10.
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(QUERY_SECONDS))
         if self.gpu is None:
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -128,17 +99,9 @@ class Worker:
         return env
 
 
-def plan(
-    pool: str,
-    gpus: Sequence[Gpu],
-    *,
-    cpu_slots: int | None = None,
-    only: Iterable[int] | None = None,
-    share_gpu: bool = False,
-    limit: int = 1,
-    host: str | None = None,
-    prefect: str = "prefect",
-) -> list[Worker]:
+def plan(pool: str, gpus: Sequence[Gpu], *, cpu_slots: int | None = None,
+         only: Iterable[int] | None = None, share_gpu: bool = False, limit: int = 1,
+         host: str | None = None, prefect: str = "prefect") -> list[Worker]:
     """The workers to run: one per GPU (or per GPU of `only`), or `cpu_slots` without one.
 
     Raises StackError when there is nothing to run or when `limit` > 1 would let two
@@ -149,9 +112,8 @@ def plan(
     if cpu_slots is not None:
         if cpu_slots < 1:
             raise StackError(f"--cpu-slots must be at least 1, got {cpu_slots}")
-        names = [f"{host}-cpu{i}" for i in range(cpu_slots)]
-        return [Worker(n, pool, None, limit, worker_argv(prefect, pool, n, limit))
-                for n in names]
+        return _workers(pool, [(f"{host}-cpu{i}", None) for i in range(cpu_slots)], limit,
+                        prefect)
     if not gpus:
         raise StackError("no GPU found by `nvidia-smi -L`; pass --cpu-slots N to start N "
                          "workers without a GPU instead")
@@ -165,9 +127,16 @@ def plan(
         raise StackError(f"GPU(s) {unknown} not found; `nvidia-smi -L` lists {indices}")
     if not chosen:
         raise StackError("no GPU chosen; name at least one in --gpus")
-    return [Worker(f"{host}-gpu{i}", pool, i, limit,
-                   worker_argv(prefect, pool, f"{host}-gpu{i}", limit))
-            for i in dict.fromkeys(chosen)]
+    return _workers(pool, [(f"{host}-gpu{i}", i) for i in dict.fromkeys(chosen)], limit,
+                    prefect)
+
+
+def _workers(pool: str, slots: list[tuple[str, int | None]], limit: int,
+             prefect: str) -> list[Worker]:
+    return [Worker(name, pool, gpu, limit, [prefect, "worker", "start", "--pool", pool,
+                                            "--type", "process", "--name", name,
+                                            "--limit", str(limit)])
+            for name, gpu in slots]
 
 
 def pool_limit(workers: Sequence[Worker]) -> int:
@@ -197,7 +166,7 @@ def start_workers(root: Path, workers: Sequence[Worker], env: Mapping[str, str],
 
 
 def worker_names(names: Iterable[str], pool: str | None = None) -> list[str]:
-    prefix = worker_file_name(pool, "") if pool else "worker."
+    prefix = f"worker.{pool}." if pool else "worker."
     return sorted(n for n in names if n.startswith(prefix))
 
 
@@ -209,16 +178,6 @@ def stop_workers(root: Path, pool: str | None = None, keep: Iterable[str] = ()) 
     names = [n for n in worker_names(supervisor.programs(), pool) if n not in set(keep)]
     supervisor.stop(names)
     return [f"{n}: stopped" for n in names]
-
-
-def worker_status(root: Path, pool: str | None = None) -> list[tuple[str, int, bool]]:
-    """(name, pid, running) of each worker supervisord runs."""
-    info = Supervisor(root).info()
-    return [(n, info[n]["pid"], info[n]["statename"] == "RUNNING")
-            for n in worker_names(info, pool)]
-
-
-# ----------------------------------------------------------------------------- CLI
 
 
 def _parse_gpus(text: str) -> list[int]:
@@ -276,12 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in stop_workers(root, args.pool):
                 print(line)
             return 0
-        rows = worker_status(root, args.pool)
-        for name, pid, alive in rows:
-            print(f"{name:<32} pid {pid:<8} {'alive' if alive else 'down'}")
-        if not rows:
+        info = Supervisor(root).info()
+        names = worker_names(info, args.pool)
+        for name in names:
+            alive = info[name]["statename"] == "RUNNING"
+            print(f"{name:<32} pid {info[name]['pid']:<8} {'alive' if alive else 'down'}")
+        if not names:
             print(f"no workers supervised under {root}")
-        return 0 if rows and all(alive for _, _, alive in rows) else 1
+        return 0 if names and all(info[n]["statename"] == "RUNNING" for n in names) else 1
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
