@@ -9,6 +9,7 @@ a run beyond that waits in Prefect, Scheduled, until a GPU frees up.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import subprocess
@@ -34,9 +35,6 @@ POOLS = ("gpu", "cpu")
 DEFAULT_CPU_SLOTS = 2  # gpu-pool workers on a machine without GPUs
 CPU_POOL_WORKERS = 1  # workers on the cpu pool (parent flows, data preparation)
 WORKER_TIMEOUT = 90.0  # seconds for the workers to report to their pools
-
-
-# ------------------------------------------------------------ buckets, pools, deploy
 
 
 def ensure_buckets(stack: Stack) -> None:
@@ -142,11 +140,7 @@ def ensure_alerts(stack: Stack) -> None:
     """The failure alerts, posted to CIFAR_ALERT_WEBHOOK_URL when set, else to the
     stack's receiver (which appends them to `<state>/stack/alerts.jsonl`)."""
     webhook = os.environ.get(alerts.WEBHOOK_ENV) or stack.alerts_url
-
-    def api(path: str, **kwargs):
-        return prefect_call(stack, path, **kwargs)
-
-    for line in alerts.apply(api, webhook, stack.prefect_url):
+    for line in alerts.apply(functools.partial(prefect_call, stack), webhook, stack.prefect_url):
         print(f"  {line}; alerts go to {alerts.redacted(webhook)}")
 
 
@@ -169,11 +163,6 @@ def worker_plan(count: int | None, cpu_slots: bool,
     cpu_pool = workers.plan("cpu", [], cpu_slots=cpu_pool_workers,
                             limit=workers.CPU_POOL_LIMIT, prefect=prefect)
     return gpu_pool + cpu_pool
-
-
-def read_pool_workers(stack: Stack, pool: str) -> dict[str, dict]:
-    found = prefect_call(stack, f"/work_pools/{pool}/workers/filter", method="POST", body={})
-    return {w["name"]: w for w in found}
 
 
 def _reported_since(worker: Mapping, started_at: float) -> bool:
@@ -207,9 +196,11 @@ def ensure_workers(stack: Stack, supervisor: procs.Supervisor,
                                  f"{log}, ends:\n{procs.log_tail(log)}")
         for pool in {p for p, _ in missing}:
             with contextlib.suppress(OSError, ValueError):
-                for name, seen in read_pool_workers(stack, pool).items():
-                    if (pool, name) in missing and _reported_since(seen, since[(pool, name)]):
-                        missing.discard((pool, name))
+                for seen in prefect_call(stack, f"/work_pools/{pool}/workers/filter",
+                                         method="POST", body={}):
+                    key = (pool, seen["name"])
+                    if key in missing and _reported_since(seen, since[key]):
+                        missing.discard(key)
         if missing and time.monotonic() > deadline:
             names = ", ".join(n for _, n in sorted(missing))
             raise StackError(f"worker(s) {names} did not report to their pool in "
