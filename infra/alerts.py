@@ -45,9 +45,6 @@ MAX_BODY = 1 << 20  # bytes; an alert is a few hundred
 Api = Callable[..., object]
 
 
-# ------------------------------------------------------------------------ applying
-
-
 def prefect_api(api_url: str, headers: dict[str, str]) -> Api:
     def call(path: str, *, method: str = "GET", body: object = None):
         raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method, body=body,
@@ -165,9 +162,6 @@ def _cmd_apply(_args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------ receiver
-
-
 class _Receiver(BaseHTTPRequestHandler):
     server: _ReceiverServer
 
@@ -197,8 +191,9 @@ class _Receiver(BaseHTTPRequestHandler):
 
 
 class _ReceiverServer(ThreadingHTTPServer):
-    def __init__(self, address: tuple[str, int], out: Path) -> None:
-        super().__init__(address, _Receiver)
+    def __init__(self, host: str, port: int, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__((host, port), _Receiver)
         self.out = out
         self.received = 0
         self._lock = threading.Lock()
@@ -209,10 +204,8 @@ class _ReceiverServer(ThreadingHTTPServer):
             self.received += 1
 
 
-def receiver(host: str, port: int, out: Path) -> ThreadingHTTPServer:
-    """The receiver, bound but not yet serving (`serve_forever` in a thread for tests)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return _ReceiverServer((host, port), out)
+# The receiver, bound but not yet serving (`serve_forever` in a thread for tests).
+receiver = _ReceiverServer
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
