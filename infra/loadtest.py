@@ -22,7 +22,6 @@ It prints a throughput table and exits non-zero if any check failed.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pickle
@@ -57,19 +56,7 @@ class KindReport:
     completed: int = 0
     failed: list[str] = field(default_factory=list)
     run_seconds: list[float] = field(default_factory=list)
-    first_start: float | None = None
-    last_end: float | None = None
-
-    @property
-    def busy_seconds(self) -> float:
-        """From the first run's start to the last run's end, as the server recorded them."""
-        if self.first_start is None or self.last_end is None:
-            return 0.0
-        return self.last_end - self.first_start
-
-    @property
-    def per_minute(self) -> float:
-        return 60 * self.completed / self.busy_seconds if self.busy_seconds else 0.0
+    busy_seconds: float = 0.0  # first run's start to last run's end, as the server saw them
 
 
 @dataclass
@@ -91,9 +78,10 @@ class LoadReport:
         for k in self.kinds:
             times = sorted(k.run_seconds) or [0.0]
             p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+            per_minute = 60 * k.completed / k.busy_seconds if k.busy_seconds else 0.0
             lines.append(
                 f"| {k.kind} | {k.submitted} | {k.completed} | {len(k.failed)} | "
-                f"{k.busy_seconds:.0f} | {k.per_minute:.1f} | "
+                f"{k.busy_seconds:.0f} | {per_minute:.1f} | "
                 f"{statistics.median(times):.1f} | {p95:.1f} |")
         total = sum(k.completed for k in self.kinds)
         lines.append(f"\nall {total} runs in {self.wall_seconds:.0f} s wall "
@@ -111,11 +99,8 @@ def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
     if count * rows > len(ids):
         raise LoadError(f"{path} holds {len(ids)} images; {count} scorings of {rows} "
                         f"distinct images need {count * rows}")
-    out = []
-    for i in range(count):
-        part = slice(i * rows, (i + 1) * rows)
-        out.append(pickle.dumps({b"data": images[part], b"ids": ids[part]}, protocol=4))
-    return out
+    parts = [slice(i * rows, (i + 1) * rows) for i in range(count)]
+    return [pickle.dumps({b"data": images[p], b"ids": ids[p]}, protocol=4) for p in parts]
 
 
 def _register_scoring_model(tag: str) -> str:
@@ -169,16 +154,16 @@ def _wait(client, run_ids: Sequence, timeout: float, errors: list[int]) -> dict:
 
 def _summarise(kind: str, runs: list) -> KindReport:
     report = KindReport(kind, len(runs))
+    timed = [r for r in runs if r.start_time and r.end_time]
     for run in runs:
         if run.state.is_completed():
             report.completed += 1
         else:
             report.failed.append(f"{run.name}: {run.state.type.value} {run.state.message}")
-        if run.start_time and run.end_time:
-            start, end = run.start_time.timestamp(), run.end_time.timestamp()
-            report.run_seconds.append(end - start)
-            report.first_start = min(report.first_start or start, start)
-            report.last_end = max(report.last_end or end, end)
+    report.run_seconds = [(r.end_time - r.start_time).total_seconds() for r in timed]
+    if timed:
+        report.busy_seconds = (max(r.end_time for r in timed)
+                               - min(r.start_time for r in timed)).total_seconds()
     return report
 
 
@@ -206,24 +191,24 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
 
     smoke = PROFILES["smoke"]
     train_ids, score_ids, errors = [], [], []
+
+    def submit(deployment: str, parameters: dict, name: str):
+        return _counting_5xx(errors, run_deployment, deployment, parameters=parameters,
+                             timeout=0, flow_run_name=name).id
+
     with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
         for i in range(trainings):
             model = {"recipe": "fast", "variant": "light", "seed": i, **smoke.overrides_for("fast")}
             job = {"training": model, "run_key": f"{tag}-{i:03d}",
                    "data": {"data_source": data_source, "train_size": smoke.train_size,
                             "val_size": smoke.val_size}}
-            run = _counting_5xx(errors, run_deployment, TRAIN_DEPLOYMENT, parameters={"job": job},
-                                timeout=0, flow_run_name=f"{tag}-train-{i:03d}")
-            train_ids.append(run.id)
+            train_ids.append(submit(TRAIN_DEPLOYMENT, {"job": job}, f"{tag}-train-{i:03d}"))
         for i in range(scorings):
             config = {"model_uri": f"models:/cifar10-resnet/{version}",
                       "input_uri": f"s3://{BUCKET}/loadtest/{tag}/inputs/{i:03d}.pkl",
                       "output": f"s3://{BUCKET}/loadtest/{tag}/predictions",
                       "tta": False, "device": "cpu"}
-            run = _counting_5xx(errors, run_deployment, SCORE_DEPLOYMENT,
-                                parameters={"config": config}, timeout=0,
-                                flow_run_name=f"{tag}-score-{i:03d}")
-            score_ids.append(run.id)
+            score_ids.append(submit(SCORE_DEPLOYMENT, {"config": config}, f"{tag}-score-{i:03d}"))
 
         with get_client(sync_client=True) as client:
             final = _wait(client, train_ids + score_ids, timeout, errors)
@@ -284,7 +269,7 @@ def _check_predictions(s3, tag: str, scorings: int, version: str | None) -> list
         manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json")
                               ["Body"].read())
         body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/predictions.csv")["Body"].read()
-        rows = len(io.BytesIO(body).read().decode().strip().splitlines()) - 1
+        rows = len(body.decode().strip().splitlines()) - 1
         if rows != manifest["rows"]:
             problems.append(f"{prefix}/predictions.csv has {rows} rows, manifest says "
                             f"{manifest['rows']}")
