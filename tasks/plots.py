@@ -15,8 +15,7 @@ def curves(history: list[dict[str, float]], title: str) -> Figure:
                               strict=True):
         ax.plot(epochs, [h[f"train/{key}"] for h in history], label="train", marker=".")
         ax.plot(epochs, [h[f"val/{key}"] for h in history], label="validation", marker=".")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -36,12 +35,10 @@ def confusion(matrix: np.ndarray, class_names: tuple[str, ...], title: str) -> F
     image = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     threshold = matrix.max() / 2
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                 color="white" if count > threshold else "black")
     fig.colorbar(image, ax=ax)
-    ax.set_title(title)
     return fig

@@ -65,10 +65,8 @@ class S3Store(ObjectStore):
         if self.prefix:
             validate_key(self.prefix)
         self.endpoint_url = endpoint_url or s3_endpoint_url()
-        self.region = region
-        self.max_attempts = max_attempts
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.region, self.max_attempts = region, max_attempts
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         if checksums not in (None, "when_supported", "when_required"):
             raise ValueError(f"checksums must be when_supported or when_required, got "
                              f"{checksums!r}")
@@ -132,8 +130,6 @@ class S3Store(ObjectStore):
     def _key(self, key: str) -> str:
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
-
-    # -- error mapping -------------------------------------------------------------
 
     def _error(self, e: Exception, action: str, key: str | None) -> StorageError:
         """Turn what botocore raised (after its retries) into a StorageError that says
@@ -211,8 +207,6 @@ class S3Store(ObjectStore):
             return fn(**kwargs)
         except (ClientError, BotoCoreError, Boto3Error) as e:
             raise self._error(e, action, key) from e
-
-    # -- operations ----------------------------------------------------------------
 
     def _put_body(self, key: str, body: Any, content_type: str | None, if_absent: bool) -> str:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body,
