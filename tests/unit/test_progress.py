@@ -31,7 +31,8 @@ def test_the_bar_follows_the_tracker_only_while_bars_show() -> None:
     assert progress.Tracker("jobs done", 2).bar is None
     # Prefect's log handler, whose console the bars share: its theme lacks the bar's styles.
     handler = PrefectConsoleHandler()
-    logging.getLogger().addHandler(handler)
+    # First among the root logger's handlers: an earlier test may have left another.
+    logging.getLogger().handlers.insert(0, handler)
     try:
         with progress.terminal_bars(enabled=True):
             tracker = progress.Tracker("jobs done", 2)
