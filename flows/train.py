@@ -83,16 +83,12 @@ def train(config: TrainResnetsConfig = TrainResnetsConfig()) -> dict:  # noqa: B
         champion = next((r for r in results if r.version == decision.champion_version), None)
 
     summary = {
-        "run_key": run_key,
-        "mlflow_run_id": parent.info.run_id,
+        "run_key": run_key, "mlflow_run_id": parent.info.run_id,
         "versions": {f"{r.variant}-seed{r.seed}": r.version for r in results},
         "val_acc": {f"{r.variant}-seed{r.seed}": r.val_acc for r in results},
-        "champion": decision.champion_version,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "data_digest": data.digest,
-        "failed": failed,
-        "seed_stats": seeds,
+        "champion": decision.champion_version, "promoted": decision.promoted,
+        "reason": decision.reason, "data_digest": data.digest,
+        "failed": failed, "seed_stats": seeds,
         # Never seen by selection, unlike the validation accuracy that chose the champion.
         "champion_test_acc": champion.metrics.get("test/acc") if champion else None,
     }

@@ -30,6 +30,7 @@ from model.checkpoint import CHECKPOINT_NAME
 from model.config import DataConfig, TrainConfig
 from model.data import Dataset
 from model.nets import summary
+from model.predict import resolve_device
 from model.provenance import code_commit, installed_packages
 from model.train import FitResult, fit
 from tasks import gpu, plots, registry
@@ -101,8 +102,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
 
     run_id = (_read_json(store, f"{job.prefix}/mlflow_run.json") or {}).get("run_id")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt_dir = Path(tmp) / "checkpoint"
-        ckpt_dir.mkdir()
+        ckpt_dir = Path(tmp)
         key = f"{job.prefix}/{CHECKPOINT_NAME}"
         if store.exists(key):
             store.get_file(key, ckpt_dir / CHECKPOINT_NAME)
@@ -138,8 +138,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
             _log_artifacts(job, data, result, run)
             version = register_version(job, data, result)
             outcome = VariantResult(
-                variant=job.training.variant, seed=job.training.seed,
-                recipe=job.training.recipe,
+                variant=job.training.variant, seed=job.training.seed, recipe=job.training.recipe,
                 run_id=run.info.run_id, version=str(version.version), metrics=result.metrics,
                 history=result.history, params=int(result.metrics["params"]),
                 param_mb=summary(result.model).param_mb,
@@ -151,10 +150,8 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
 
 def register_version(job: VariantJob, data: Dataset, result: FitResult):
     tags = {
-        "recipe": job.training.recipe,
-        "seed": job.training.seed,
-        "data_digest": data.digest,
-        "val_digest": data.val.digest,
+        "recipe": job.training.recipe, "seed": job.training.seed,
+        "data_digest": data.digest, "val_digest": data.val.digest,
         # Full precision: promotion compares this tag with the next candidate's accuracy,
         # and a rounded tag would let an equal newcomer "beat" the champion.
         "val_acc": repr(float(result.metrics["val/acc"])),
@@ -187,27 +184,18 @@ class _EpochLogger:
             "%s epoch %d/%d: train loss %.3f acc %.2f%%, val loss %.3f acc %.2f%%, %.1f s",
             self.job.name, epoch + 1, self.job.training.epochs, metrics["train/loss"],
             100 * metrics["train/acc"], metrics["val/loss"], 100 * metrics["val/acc"],
-            metrics["epoch_seconds"],
-        )
+            metrics["epoch_seconds"])
 
 
 def _log_params(job: VariantJob, data: Dataset, settings: Settings) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
-        if job.training.device == "auto" else torch.device(job.training.device)
+    device = resolve_device(job.training.device)
     params: dict[str, Any] = {**job.training.to_dict(), "config_hash": job.training.hash()}
-    params.update(
-        data_source=data.source,
-        data_digest=data.digest,
-        val_digest=data.val.digest,
-        train_images=len(data.train),
-        val_images=len(data.val),
-        git_commit=code_commit(),
-        torch_version=torch.__version__,
-        cuda_version=torch.version.cuda or "none",
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        run_key=job.run_key,
-    )
+    params.update(data_source=data.source, data_digest=data.digest, val_digest=data.val.digest,
+                  train_images=len(data.train), val_images=len(data.val), run_key=job.run_key,
+                  git_commit=code_commit(), torch_version=torch.__version__,
+                  cuda_version=torch.version.cuda or "none",
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else platform.processor() or platform.machine())
     mlflow.log_params(params)
     # Which machine and worker ran the job: a process worker is the parent of its runs.
     mlflow.set_tags({"variant": job.training.variant, "recipe": job.training.recipe,
