@@ -102,10 +102,6 @@ class Stack:
                    body.get("s3_external_endpoint"), bool(body.get("auth")))
 
 
-def external_s3_endpoint(env: Mapping[str, str]) -> str | None:
-    return env.get("CIFAR_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or None
-
-
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports nothing listens on now (the sockets stay open until all
     are chosen, so the kernel cannot hand out one twice)."""
@@ -283,7 +279,9 @@ def prefect_app():
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = create_app(final=True)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost"])
+    # The server's own services (automations' actions) call it in-process by that last name.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost",
+                                                             "prefect-in-memory"])
     return app
 
 

@@ -40,7 +40,8 @@ from infra.services import SERVICES, Stack, client_env, free_ports, healthy  # n
 def configure(root: Path, auth: bool | None) -> Stack:
     """The stack of stack.json, or a new one with free ports; settings that cannot change
     under running services (S3 endpoint, auth) are checked here."""
-    external = services.external_s3_endpoint(os.environ)
+    env = os.environ
+    external = env.get("CIFAR_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or None
     # Auth is on unless asked off, and kept once chosen.
     stack = Stack.load(root) or Stack(root, {}, external, auth is not False)
     missing = [name for name in services.PORTS if name not in stack.ports]
