@@ -121,9 +121,6 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-# --------------------------------------------------------------------------- stopping
-
-
 def stack_processes(root: Path) -> list[psutil.Process]:
     """Every live process of this stack: those whose environment names `root` (programs,
     what they started, flow runs), but not this process."""
