@@ -12,7 +12,6 @@ every program's environment carries `CIFAR_STACK=<state>/stack`, which finds the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shlex
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,19 +70,6 @@ def write_text(path: Path, text: str, mode: int = 0o666) -> None:
 
     with atomic_write(path, mode, text=True) as f:
         f.write(text)
-
-
-@contextlib.contextmanager
-def locked(path: Path, what: str) -> Iterator[None]:
-    """An exclusive flock on `path`, waiting (and saying so) while another holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {what} ...", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def log_path(root: Path, name: str) -> Path:

@@ -25,7 +25,6 @@ from infra.procs import (  # noqa: E402
     STOP_TIMEOUT,
     StackError,
     Supervisor,
-    locked,
     log_path,
     log_tail,
     render_env_file,
@@ -35,6 +34,9 @@ from infra.procs import (  # noqa: E402
     write_text,
 )
 from infra.services import SERVICES, Stack, client_env, free_ports, healthy  # noqa: E402
+from tasks.settings import file_lock  # noqa: E402
+
+UP_TIMEOUT = 1800.0  # seconds to wait for another `up` or `down` on the same state directory
 
 
 def configure(root: Path, auth: bool | None) -> Stack:
@@ -111,7 +113,7 @@ def _wait_healthy(stack: Stack, supervisor: Supervisor, name: str, deadline: flo
 def cmd_up(args: argparse.Namespace) -> int:
     root = stack_dir(args.state_dir)
     began = time.monotonic()
-    with locked(root / ".lock", f"another `up` or `down` on {root}"):
+    with file_lock(root / ".lock", UP_TIMEOUT, "running `up` or `down`"):
         stack = configure(root, args.auth)
         print(f"stack under {root}")
         root.chmod(0o711)  # others may enter it (PostgreSQL's user must), not list it
@@ -176,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     root = stack_dir(args.state_dir)
-    with locked(root / ".lock", f"another `up` or `down` on {root}"):
+    with file_lock(root / ".lock", UP_TIMEOUT, "running `up` or `down`"):
         supervisor = Supervisor(root)
         if supervisor.running():
             names = supervisor.programs()

@@ -270,8 +270,10 @@ def _schema_lock(tracking_uri: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float = 300.0) -> Iterator[None]:
-    """An exclusive lock between processes (flock: released if its holder dies)."""
+def file_lock(path: Path, timeout: float = 300.0,
+              what: str = "creating a database there") -> Iterator[None]:
+    """An exclusive lock between processes (flock: released if its holder dies); the one
+    the local stack's `up` and `down` take too."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +286,8 @@ def file_lock(path: Path, timeout: float = 300.0) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise StateDirError(
-                        f"another process has held {path} for {timeout:g} s while creating "
-                        "a database there: stop it, or use another --state-dir") from None
+                        f"another process has held {path} for {timeout:g} s while {what}: "
+                        "stop it, or use another --state-dir") from None
                 time.sleep(0.1)
         try:
             yield
