@@ -207,4 +207,6 @@ def ensure_workers(stack: Stack, supervisor: procs.Supervisor,
                              f"{timeout:.0f} s; see {root / 'logs'}")
         if missing:
             time.sleep(1)
+    for w in plan:  # past supervisord's start-up window too, as `status` wants
+        supervisor.wait_running(w.file_name, procs.START_SECONDS + 5)
     print(f"  {len(plan)} worker(s) online")

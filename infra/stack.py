@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:  # run as a script: `python infra/stack.py ...`
 
 from infra import postgres, provision, services, workers  # noqa: E402
 from infra.procs import (  # noqa: E402
+    START_SECONDS,
     STOP_TIMEOUT,
     StackError,
     Supervisor,
@@ -107,6 +108,8 @@ def _wait_healthy(stack: Stack, supervisor: Supervisor, name: str, deadline: flo
             raise StackError(f"{name} {why} ({state.get('description', 'no state')}); its "
                              f"log, {log}, ends:\n{log_tail(log)}")
         time.sleep(0.5)
+    # And past supervisord's start-up window, so that `status` says RUNNING at once.
+    supervisor.wait_running(name, START_SECONDS + 5)
     print(f"  {name:<8} answering ({time.monotonic() - began:.1f} s)")
 
 

@@ -66,13 +66,13 @@ def test_two_runs_at_once_make_one_set_of_outputs_identical_to_a_single_run(
     # Both runs meet before predicting, so both have looked for a manifest, found none,
     # and go on to write every object.
     meet = threading.Barrier(2, timeout=WAIT_S)
-    real_predict = tasks.scoring.predict
+    real_predict = tasks.scoring.predict_with_bar
 
     def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         meet.wait()
         return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.scoring, "predict", predict)
+    monkeypatch.setattr(tasks.scoring, "predict_with_bar", predict)
     root = f"race-{uuid.uuid4().hex[:8]}"
 
     states = score_in_threads(scoring, root, ("run-a", "run-b"))
@@ -99,7 +99,7 @@ def test_a_late_run_whose_bytes_differ_leaves_the_first_runs_outputs_intact(
     must still be run a's result, described by its manifest."""
     b_checked = threading.Event()
     a_finished = threading.Event()
-    real_predict = tasks.scoring.predict
+    real_predict = tasks.scoring.predict_with_bar
 
     def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         if threading.current_thread().name == "run-a":
@@ -110,7 +110,7 @@ def test_a_late_run_whose_bytes_differ_leaves_the_first_runs_outputs_intact(
         labels, probs = real_predict(*args, **kwargs)
         return labels, np.nextafter(probs, np.float32(1))  # (N, 10), one ulp up
 
-    monkeypatch.setattr(tasks.scoring, "predict", predict)
+    monkeypatch.setattr(tasks.scoring, "predict_with_bar", predict)
     root = f"late-{uuid.uuid4().hex[:8]}"
 
     states = score_in_threads(scoring, root, ("run-a", "run-b"), {"run-a": a_finished})

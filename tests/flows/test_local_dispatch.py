@@ -29,7 +29,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, float, float]
     lock = threading.Lock()
 
     @task
-    def fake_fit_and_register(job: VariantJob, data, settings) -> VariantResult:
+    def fake_fit_and_register(job: VariantJob, data, settings, should_stop=None) -> VariantResult:
         start = time.monotonic()
         time.sleep(0.3)
         with lock:

@@ -39,7 +39,12 @@ def _register(variant: str, val_acc: str | None, val_digest: str, seed: int = 0)
 
 
 def _candidate(version: str, val_acc: float, val_digest: str) -> VariantResult:
-    return VariantResult(variant="light", seed=0, recipe="fast", run_id=f"run-{version}",
+    """A training's result for `version`, with its registered run (promotion links it)."""
+    try:
+        run_id = mlflow.MlflowClient().get_model_version(REGISTERED_MODEL, version).run_id
+    except mlflow.exceptions.MlflowException:  # not registered: only ever decided on
+        run_id = f"run-{version}"
+    return VariantResult(variant="light", seed=0, recipe="fast", run_id=run_id,
                          version=version, metrics={"val/acc": val_acc}, val_digest=val_digest)
 
 

@@ -1,7 +1,7 @@
 """The local stack (`infra/stack.py`) for real: up, status, a second up, pools, workers,
 buckets, PostgreSQL and SeaweedFS's S3 holding the data, a killed service restarted by
-supervisord, down keeping the data; then `up --auth` refusing requests without credentials,
-and a stack whose every process was SIGKILLed coming back with its data. The tests run in
+supervisord, every process SIGKILLed and the stack brought back (with auth now on) with its
+data, requests without credentials refused, then down keeping the data. The tests run in
 file order on one stack.
 
 The stack lives in a temporary state directory on free ports of 127.0.0.1 and is brought
@@ -312,37 +312,29 @@ def test_a_killed_service_or_worker_is_restarted_by_itself(stack: Stack):
     assert body.read() == b"kept"
 
 
-def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(stack: Stack):
-    procs = []
+def test_a_stack_whose_every_process_was_killed_comes_back_with_its_data(stack: Stack):
+    """SIGKILL to supervisord and everything under it, as a power cut or the OOM killer
+    would; then `up`, here with auth switched on (allowed: nothing runs any more)."""
+    victims = [psutil.Process(int((stack.root / "supervisor" / "supervisord.pid")
+                                  .read_text()))]
     for pid in stack.pids().values():
         leader = psutil.Process(pid)
-        procs += [leader, *leader.children(recursive=True)]
-    assert len(procs) > len(stack.pids())  # the servers' own children are counted too
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    try:
-        result = stack.run("down", timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert not [p for p in procs if _alive(p)]
-        assert bystander.poll() is None  # nothing it did not start
-    finally:
-        bystander.kill()
-        bystander.wait()
-    for name, port in stack.config["ports"].items():
-        assert _port_free(port), (name, port)
-    assert (stack.root / "postgres" / "PG_VERSION").is_file()
-    assert list((stack.root / "s3").iterdir())
-    assert stack.run("status").returncode == 1
-    again = stack.run("down")  # nothing left to stop
-    assert again.returncode == 0, again.stderr
+        victims += [leader, *leader.children(recursive=True)]
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    stack.up = stack.run("up", "--no-deploy", "--cpu-slots", "--auth", "--workers", "1",
+                         "--cpu-pool-workers", "0")
+    assert stack.up.returncode == 0, stack.up.stdout + stack.up.stderr
+    assert stack.run("status").returncode == 0
+    body = stack.s3().get_object(Bucket="cifar-pipeline", Key="objects/survives.txt")["Body"]
+    assert body.read() == b"kept"
 
 
 def test_auth_refuses_requests_without_credentials(stack: Stack):
-    """After `down`, the same state directory comes back up with --auth (a warm database
-    starts faster than a fresh one), its data still there."""
-    up = stack.run("up", "--no-deploy", "--cpu-slots", "--auth", "--workers", "1",
-                   "--cpu-pool-workers", "0")
-    assert up.returncode == 0, up.stdout + up.stderr
+    """The stack the previous test brought back with --auth: its data still there."""
+    up = stack.up
     env = stack.client_env
     assert stat.S_IMODE((stack.root / "secrets.json").stat().st_mode) == 0o600
     prefect_auth = env["PREFECT_API_AUTH_STRING"]
@@ -380,21 +372,26 @@ def test_auth_refuses_requests_without_credentials(stack: Stack):
         assert not any(p in text for p in passwords)
 
 
-def test_a_stack_whose_every_process_was_killed_comes_back_with_its_data(stack: Stack):
-    """SIGKILL to supervisord and everything under it, as a power cut or the OOM killer
-    would; then `up`."""
-    victims = [psutil.Process(int((stack.root / "supervisor" / "supervisord.pid")
-                                  .read_text()))]
+def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(stack: Stack):
+    procs = []
     for pid in stack.pids().values():
         leader = psutil.Process(pid)
-        victims += [leader, *leader.children(recursive=True)]
-    for proc in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(victims, timeout=10)
-    up = stack.run("up", "--no-deploy", "--cpu-slots", "--workers", "1",
-                   "--cpu-pool-workers", "0")
-    assert up.returncode == 0, up.stdout + up.stderr
-    assert stack.run("status").returncode == 0
-    body = stack.s3().get_object(Bucket="cifar-pipeline", Key="objects/survives.txt")["Body"]
-    assert body.read() == b"kept"
+        procs += [leader, *leader.children(recursive=True)]
+    assert len(procs) > len(stack.pids())  # the servers' own children are counted too
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    try:
+        result = stack.run("down", timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert not [p for p in procs if _alive(p)]
+        assert bystander.poll() is None  # nothing it did not start
+    finally:
+        bystander.kill()
+        bystander.wait()
+    for name, port in stack.config["ports"].items():
+        assert _port_free(port), (name, port)
+    assert (stack.root / "postgres" / "PG_VERSION").is_file()
+    assert list((stack.root / "s3").iterdir())
+    assert stack.run("status").returncode == 1
+    again = stack.run("down")  # nothing left to stop
+    assert again.returncode == 0, again.stderr

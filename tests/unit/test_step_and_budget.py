@@ -173,5 +173,7 @@ def test_a_minute_budget_ends_the_whole_run_within_ten_percent_of_it():
     seconds = time.perf_counter() - started
     assert 54.0 <= seconds <= 66.0
     assert result.history[-1]["planned_epochs"] == len(result.history) > BUDGET_PROBE_EPOCHS
-    # The decay was sized to the epochs chosen: the last one ends at a rate of zero.
-    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    # The decay was sized to the epochs chosen: the last one runs near a rate of zero (not
+    # exactly: on a busy machine the last choice can come during the last epoch), where
+    # the 40 epochs asked for would have left it near half its peak.
+    assert result.history[-1]["lr"] < 0.05 * max(h["lr"] for h in result.history)
