@@ -140,3 +140,23 @@ def test_models_compare_groups_versions_by_digest_and_recipe() -> None:
     assert fast["light over seeds"] == "val acc 90.50 ± 0.71% (n=2)"
     assert fast["deep − light val acc"].startswith("+4.00 points, 95% CI [+0.96, +7.04]")
     assert fast["deep − light test acc"] == "no interval: needs two or more seeds per variant"
+
+
+def test_the_summary_gives_the_champions_test_accuracy_beside_its_selection(capsys):
+    """Selection saw only validation accuracy; a labelled test split gives the unbiased
+    figure, and without one the summary says how to get it."""
+    from flows.summary import print_summary
+
+    doc = {"tracking_uri": "sqlite:///x", "mlflow_run_id": "r", "data_digest": "d" * 64,
+           "jobs": [{"job": "deep-seed0", "version": "3", "val_acc": 0.9350}],
+           "seed_stats": {"variants": {}}, "predictions": None,
+           "champion": {"uri": "models:/cifar10-resnet@champion", "version": "3",
+                        "promoted": True, "reason": "first champion", "test_acc": 0.9312}}
+    print_summary(doc)
+    out = capsys.readouterr().out
+    assert "chosen on validation accuracy, which therefore reads high for it" in out
+    assert "its test accuracy, which took no part: 93.12%" in out
+    doc["champion"]["test_acc"] = None
+    print_summary(doc)
+    assert "a source with a labelled test split would give an unbiased figure" in \
+        capsys.readouterr().out
