@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import signal
 import statistics
 import time
@@ -68,8 +69,7 @@ COMPILE_SECONDS = 45.0
 ROW_SECONDS = 5.0
 PREDICT_SECONDS = 15.0
 # Where the training Parquet is looked for: a copy of the checkout has them only if carried.
-DATA_PLACES = (".data/train.parquet", "shared/datasets/cifar10-jpeg/train.parquet",
-               "../shared/datasets/cifar10-jpeg/train.parquet")
+DATA_PLACE = ".data/train.parquet"  # the checkout's ignored data folder, carried to the GPU
 ROW_FIELDS = {f.name for f in dataclasses.fields(measure.Row)}
 
 
@@ -108,12 +108,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def find_data(root: Path = Path()) -> str:
-    """The first of DATA_PLACES that exists, or one `error:` line saying what to copy."""
-    for place in DATA_PLACES:
-        if (root / place).is_file():
-            return place
-    raise ConfigError(f"no training data at {', '.join(DATA_PLACES)}: copy {DATA_PLACES[1]} "
-                      f"to {DATA_PLACES[0]} and carry .data (git ignores it), or pass --data PATH")
+    """The configured source ($CIFAR10_SOURCE), else DATA_PLACE if it exists, else one
+    `error:` line saying what to copy."""
+    if os.environ.get("CIFAR10_SOURCE"):
+        return os.environ["CIFAR10_SOURCE"]
+    if (root / DATA_PLACE).is_file():
+        return DATA_PLACE
+    raise ConfigError(f"no training data: copy the training Parquet to {DATA_PLACE} and carry "
+                      ".data (git ignores it), set CIFAR10_SOURCE, or pass --data PATH")
 
 
 @dataclasses.dataclass

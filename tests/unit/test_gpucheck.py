@@ -226,11 +226,13 @@ def test_a_sigterm_leaves_the_file_interrupted_with_every_finished_row(tmp_path,
 def test_missing_data_is_one_error_line_and_a_failed_file_before_anything_loads(
         tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
     loads = []
     monkeypatch.setattr(measure, "load_data", loads.append)
     assert bench.main(["--check", "--variants", "light", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no training data at .data/train.parquet")
+    assert len(err) == 1 and err[0].startswith(
+        "error: no training data: copy the training Parquet to .data/train.parquet")
     assert "copy" in err[0] and "--data PATH" in err[0]
     assert loads == []
     (out,) = tmp_path.glob("results-check-*.json")
@@ -239,17 +241,17 @@ def test_missing_data_is_one_error_line_and_a_failed_file_before_anything_loads(
     assert result["rows"] == [] and result["env"]["torch"] == torch.__version__
 
 
-def test_the_data_is_found_beside_the_checkout_too(tmp_path, monkeypatch):
+def test_the_data_is_the_configured_source_else_the_checkouts_data_folder(tmp_path,
+                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="no training data"):
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    with pytest.raises(ValueError, match=r"no training data: copy .* to \.data/train\.parquet"):
         gpucheck.find_data()
-    shared = tmp_path / ".." / "shared" / "datasets" / "cifar10-jpeg"
-    shared.mkdir(parents=True)
-    (shared / "train.parquet").write_bytes(b"")
-    assert gpucheck.find_data() == "../shared/datasets/cifar10-jpeg/train.parquet"
     (tmp_path / ".data").mkdir()
     (tmp_path / ".data" / "train.parquet").write_bytes(b"")
     assert gpucheck.find_data() == ".data/train.parquet"
+    monkeypatch.setenv("CIFAR10_SOURCE", "/data/cifar.parquet")
+    assert gpucheck.find_data() == "/data/cifar.parquet"
 
 
 def test_each_mode_and_variant_set_writes_its_own_file():
