@@ -545,13 +545,18 @@ def test_every_referenced_secret_and_config_map_is_defined() -> None:
     assert refs <= defined, f"undefined: {sorted(refs - defined)}"
 
 
-def test_kustomize_build_wires_the_template_into_the_worker() -> None:
+def _kustomized() -> list[dict]:
+    """Every object `kubectl kustomize infra/k8s` builds."""
     kubectl = shutil.which("kubectl")
     assert kubectl is not None, "this test builds infra/k8s with kubectl kustomize: install kubectl"
     proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_kustomize_build_wires_the_template_into_the_worker() -> None:
+    built = _kustomized()
     (config_map,) = [
         d for d in built
         if d["kind"] == "ConfigMap" and TEMPLATE_PATH.name in d.get("data", {})
@@ -895,12 +900,7 @@ def test_server_refuses_a_flow_run_without_an_image(
 
 
 def test_every_manifest_is_valid_for_kubernetes() -> None:
-    kubectl = shutil.which("kubectl")
-    assert kubectl is not None, "this test builds infra/k8s with kubectl kustomize"
-    proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    built = _kustomized()
     assert len(built) >= 10
     for obj in [*built, *_docs()["secrets.example.yaml"]]:
         _validate(obj)
