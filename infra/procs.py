@@ -242,17 +242,14 @@ class Supervisor:
     def programs(self) -> list[str]:
         return sorted(p.stem for p in self.programs_dir.glob("*.conf"))
 
-    def apply(self, programs: Sequence[Program], remove: Iterable[str] = ()) -> list[str]:
-        """Run `programs` (new ones started, changed ones restarted, unchanged ones left
-        alone) and stop and drop those named in `remove`. Returns what changed."""
+    def apply(self, programs: Sequence[Program]) -> list[str]:
+        """Run `programs`: new ones started, changed ones restarted, unchanged ones left
+        alone (and any whose file went away stopped). Returns what changed."""
         for program in programs:
             if not _NAME.match(program.name):
                 raise ValueError(f"program name {program.name!r}: letters, digits, _ . - only")
             write_text(self.programs_dir / f"{program.name}.conf", program.section(self.root),
                        mode=0o600)  # environments hold the stack's credentials
-        gone = set(remove) - {p.name for p in programs}
-        for name in gone:
-            (self.programs_dir / f"{name}.conf").unlink(missing_ok=True)
         rpc = self._rpc()
         [[added, changed, removed]] = rpc.reloadConfig()
         for name in changed + removed:
