@@ -185,10 +185,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         supervisor = Supervisor(root)
         if supervisor.running():
             names = supervisor.programs()
-            # Workers first, so that they do not lose their server mid-run; servers last,
-            # the databases after their users.
-            order = [*workers.worker_names(names), "alerts", "mlflow", "prefect", "s3",
-                     "postgres"]
+            # Workers first, so that they do not lose their server mid-run; then the
+            # services in the reverse of their start order, the databases last.
+            order = [*workers.worker_names(names), *reversed(SERVICES)]
             supervisor.stop([n for n in order if n in names]
                             + [n for n in names if n not in order])
             supervisor.shutdown()
