@@ -254,25 +254,18 @@ def cmd_serve(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    import subprocess
+    from infra.stack import main
 
-    import flows
-
-    # infra/ ships with the source tree, not the package: it is run, never imported.
-    script = Path(flows.__file__).resolve().parents[1] / "infra" / "stack.py"
-    if not script.is_file():
-        raise ConfigError(f"{script} is missing: `stack` needs a source checkout of "
-                         "cifar-pipeline (infra/ is not part of the installed package)")
     up_only = {"--workers": args.workers, "--cpu-slots": args.cpu_slots,
                "--no-deploy": args.no_deploy, "--auth": args.auth}
     given = [flag for flag, value in up_only.items() if value not in (None, False)]
     if given and args.action != "up":
         raise ConfigError(f"{', '.join(given)} only go with `stack up`")
-    cmd = [sys.executable, str(script), args.action, "--state-dir", os.environ["CIFAR_STATE_DIR"]]
+    cmd = [args.action, "--state-dir", os.environ["CIFAR_STATE_DIR"]]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     cmd += [flag for flag in ("--cpu-slots", "--no-deploy", "--auth") if up_only[flag]]
-    return subprocess.call(cmd)
+    return main(cmd)
 
 
 def _add_train_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None):
@@ -345,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.set_defaults(handler=cmd_serve)
 
     st = sub.add_parser("stack", help="local Prefect, MLflow and S3 servers plus workers "
-                        "(infra/stack.py)")
+                        "(python -m infra.stack)")
     st.add_argument("action", choices=["up", "down", "status"], help="up: start the servers "
                     "and workers; down: stop them; status: URLs, pids, health (exit 1 unless "
                     "all ok)")

@@ -1,2 +1,2 @@
-"""How services and workers start: scripts run by path (`python infra/stack.py up`), which
-import each other as `infra.*`. Never imported by the project's code."""
+"""How services and workers start: modules run with `python -m infra.stack up` and the like
+(`cifar-pipeline stack` calls the same code)."""

@@ -2,8 +2,8 @@
 run that ends Failed or Crashed posts to a webhook), and the receiver the local stack
 points that webhook at.
 
-    python infra/alerts.py apply                      # any Prefect server
-    python infra/alerts.py serve --port P --out FILE  # the receiver (`stack up` runs it)
+    python -m infra.alerts apply                      # any Prefect server
+    python -m infra.alerts serve --port P --out FILE  # the receiver (`stack up` runs it)
 
 `apply` talks to $PREFECT_API_URL (with $PREFECT_API_AUTH_STRING or $PREFECT_API_KEY when
 set) and posts alerts to $CIFAR_ALERT_WEBHOOK_URL (a Slack incoming webhook, or any URL
@@ -29,12 +29,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: `python infra/alerts.py ...`
-    sys.path.insert(0, str(REPO))
-
-from infra.procs import StackError  # noqa: E402
-from infra.services import fetch  # noqa: E402
+from infra.procs import StackError
+from infra.services import fetch
 
 AUTOMATIONS = Path(__file__).with_name("automations.yaml")
 BLOCK_NAME = "cifar-alerts"  # the Webhook block the automations post through
@@ -217,7 +213,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infra/alerts.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m infra.alerts", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("apply", help=f"the webhook block and the automations, to ${WEBHOOK_ENV}"
                    ).set_defaults(handler=_cmd_apply)

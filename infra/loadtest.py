@@ -1,11 +1,11 @@
 """Load on the local stack: many smoke-profile trainings and scorings at once.
 
-    python infra/loadtest.py --state-dir .stack [--trainings 20] [--scorings 50]
+    python -m infra.loadtest --state-dir .stack [--trainings 20] [--scorings 50]
 
 Submits `--trainings` train-variant runs (the smoke profile, each its own seed and run key)
 and `--scorings` score-competition runs (each on its own slice of the competition file,
 all with one model version registered for the purpose) through the Prefect API of a stack
-that `infra/stack.py up` started. It waits for all of them and then checks that nothing was
+that `python -m infra.stack up` started. It waits for all of them and then checks that nothing was
 lost or duplicated:
 
 - every flow run Completed;
@@ -33,11 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from infra.procs import read_env_file  # noqa: E402
+from infra.procs import read_env_file
 
 TRAIN_DEPLOYMENT = "train-variant/train-variant"
 SCORE_DEPLOYMENT = "score-competition/score-competition"
@@ -279,7 +275,7 @@ def _check_predictions(s3, tag: str, scorings: int, version: str | None) -> list
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=Path(".stack"),
-                        help="the stack's state directory (infra/stack.py up --state-dir)")
+                        help="the stack's state directory (python -m infra.stack up --state-dir)")
     parser.add_argument("--trainings", type=int, default=20)
     parser.add_argument("--scorings", type=int, default=50)
     parser.add_argument("--rows", type=int, default=20, help="images per scoring input")
@@ -297,7 +293,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         env_file = args.state_dir / "stack" / "env"
         if not env_file.is_file():
             raise LoadError(f"{env_file} does not exist: start the stack with "
-                            "`python infra/stack.py up --state-dir DIR` first")
+                            "`python -m infra.stack up --state-dir DIR` first")
         os.environ.update(read_env_file(env_file))
         report = run_load(args.trainings, args.scorings, competition_file=args.competition_file,
                           data_source=args.data_source, rows=args.rows, timeout=args.timeout)

@@ -26,11 +26,8 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `procs.py exec` runs as a script
-    sys.path.insert(0, str(REPO))
-
-from flows.interrupts import stop_processes  # noqa: E402  (the one process stopper)
+from flows.interrupts import stop_processes  # the one process stopper
+from model.fileio import atomic_write
 
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 START_SECONDS = 5  # a program must stay up this long to count as started
@@ -66,8 +63,6 @@ def tool(name: str) -> str:
 
 def write_text(path: Path, text: str, mode: int = 0o666) -> None:
     """`text` to `path` atomically; `mode` 0o600 for what holds credentials."""
-    from model.fileio import atomic_write  # here: `procs.py exec` runs without the repo
-
     with atomic_write(path, mode, text=True) as f:
         f.write(text)
 
@@ -89,7 +84,7 @@ def log_tail(path: Path, lines: int = 25) -> str:
 
 def render_env_file(env: Mapping[str, str]) -> str:
     lines = ["# The local stack's settings: `source` this file to use it. Written by "
-             "infra/stack.py up."]
+             "python -m infra.stack up."]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     return "\n".join(lines) + "\n"
 
@@ -139,7 +134,7 @@ class Program:
         env = {**self.env, STACK_ENV: str(root), PROGRAM_ENV: self.name}
         argv = self.argv
         if self.fresh:
-            argv = [sys.executable, str(Path(__file__).resolve()), "exec", "--", *argv]
+            argv = [sys.executable, "-m", "infra.procs", "exec", "--", *argv]
         # supervisord expands %(...)s in values: a literal % is written %%.
         quote = lambda v: '"' + v.replace("%", "%%").replace('"', '\\"') + '"'  # noqa: E731
         lines = [
@@ -324,7 +319,7 @@ def exec_fresh(argv: Sequence[str]) -> None:
     os.execvp(argv[0], list(argv))
 
 
-if __name__ == "__main__":  # supervisord runs `procs.py exec -- ARGV` for fresh programs
+if __name__ == "__main__":  # supervisord runs `-m infra.procs exec -- ARGV` for fresh programs
     if sys.argv[1:3] != ["exec", "--"] or len(sys.argv) < 4:
-        sys.exit("usage: procs.py exec -- COMMAND [ARG...]")
+        sys.exit("usage: python -m infra.procs exec -- COMMAND [ARG...]")
     exec_fresh(sys.argv[3:])

@@ -1,9 +1,9 @@
 """The local stack: PostgreSQL, SeaweedFS's S3, the Prefect and MLflow servers, the alert
 receiver and the workers, on 127.0.0.1, kept running by supervisord.
 
-    python infra/stack.py up [--state-dir DIR] [--workers N] [--cpu-slots] [--no-deploy]
+    python -m infra.stack up [--state-dir DIR] [--workers N] [--cpu-slots] [--no-deploy]
                              [--cpu-pool-workers N] [--auth | --no-auth] [--timeout S]
-    python infra/stack.py status | down [--state-dir DIR]
+    python -m infra.stack status | down [--state-dir DIR]
 
 What each step does, and what `up` again, `status` and `down` do: infra/README.md.
 """
@@ -16,12 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: `python infra/stack.py ...`
-    sys.path.insert(0, str(REPO))
-
-from infra import postgres, provision, services, workers  # noqa: E402
-from infra.procs import (  # noqa: E402
+from infra import postgres, provision, services, workers
+from infra.procs import (
     START_SECONDS,
     STOP_TIMEOUT,
     StackError,
@@ -34,8 +30,8 @@ from infra.procs import (  # noqa: E402
     stop_processes,
     write_text,
 )
-from infra.services import SERVICES, Stack, client_env, free_ports, healthy  # noqa: E402
-from tasks.settings import file_lock  # noqa: E402
+from infra.services import SERVICES, Stack, client_env, free_ports, healthy
+from tasks.settings import file_lock
 
 UP_TIMEOUT = 1800.0  # seconds to wait for another `up` or `down` on the same state directory
 
@@ -201,7 +197,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infra/stack.py", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)

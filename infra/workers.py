@@ -1,9 +1,9 @@
 """Prefect process workers for this machine: one per GPU, each pinned to its GPU.
 
-    python infra/workers.py start --pool gpu [--gpus 0,1] [--state-dir DIR]
-    python infra/workers.py start --pool gpu --cpu-slots 2      # no GPU: N CPU slots
-    python infra/workers.py start --pool gpu --share-gpu --limit 2
-    python infra/workers.py stop | status [--pool gpu] [--state-dir DIR]
+    python -m infra.workers start --pool gpu [--gpus 0,1] [--state-dir DIR]
+    python -m infra.workers start --pool gpu --cpu-slots 2      # no GPU: N CPU slots
+    python -m infra.workers start --pool gpu --share-gpu --limit 2
+    python -m infra.workers stop | status [--pool gpu] [--state-dir DIR]
 
 Each GPU (`nvidia-smi -L`) gets one `prefect worker start --type process --limit 1` with
 CUDA_VISIBLE_DEVICES=<index>, so two runs never share a GPU. Workers are programs
@@ -25,11 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: `python infra/workers.py ...`
-    sys.path.insert(0, str(REPO))
-
-from infra.procs import Program, StackError, Supervisor, read_env_file, stack_dir, tool  # noqa: E402
+from infra.procs import Program, StackError, Supervisor, read_env_file, stack_dir, tool
 
 CPU_POOL_LIMIT = 4  # flow runs at once on a worker of a pool without GPUs
 # How often an idle worker asks for work: a GPU that finishes a run starts the next queued
@@ -158,7 +154,7 @@ def start_workers(root: Path, workers: Sequence[Worker], env: Mapping[str, str],
     if not env.get("PREFECT_API_URL"):
         # Without it each worker would start an in-process server of its own.
         raise StackError("PREFECT_API_URL is not set: point it at the Prefect server "
-                         "(`infra/stack.py up` writes <state>/stack/env)")
+                         "(`python -m infra.stack up` writes <state>/stack/env)")
     supervisor = Supervisor(root)
     supervisor.start()
     programs = [Program(w.file_name, w.argv, w.environment(env), cwd) for w in workers]
@@ -188,7 +184,7 @@ def _parse_gpus(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infra/workers.py",
+    p = argparse.ArgumentParser(prog="python -m infra.workers",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)

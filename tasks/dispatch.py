@@ -115,7 +115,7 @@ def _wait(client, children, pool: str, options: PoolOptions, logger) -> dict:
             raise DispatchError(
                 f"{', '.join(waiting)} did not start within {options.start_timeout_seconds:g} s "
                 f"on work pool {pool!r}: {_pool_health(client, pool)}; the children of this "
-                "run were cancelled. Start a worker (python infra/workers.py start --pool "
+                "run were cancelled. Start a worker (python -m infra.workers start --pool "
                 f"{pool}), or raise start_timeout_seconds if the pool is busy with other "
                 "runs, then rerun with the same run key to resume")
         if len(states) < len(children) and now - started_at > options.timeout_seconds:

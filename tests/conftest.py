@@ -114,7 +114,7 @@ def stack_pids(state: Path) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory,
                 stack_state_dir: Callable[[], Path]) -> Iterator[dict]:
-    """`infra/stack.py up` with two CPU-slot workers on the gpu pool, for the session:
+    """`python -m infra.stack up` with two CPU-slot workers on the gpu pool, for the session:
     PostgreSQL, SeaweedFS's S3, Prefect and MLflow servers, deployments from prefect.yaml.
     The competition file of its workers is the first 200 images of the shared sample."""
     from model.data import read_competition_pickle, write_competition_pickle
@@ -125,7 +125,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory,
     competition = state / "competition-200.pkl"
     write_competition_pickle(competition, ids[:200], images[:200])
     env.update(CIFAR_COMPETITION_FILE=str(competition), CIFAR10_SOURCE=str(SHARED_PARQUET))
-    cmd = [sys.executable, str(REPO / "infra" / "stack.py")]
+    cmd = [sys.executable, "-m", "infra.stack"]
     up = subprocess.run([*cmd, "up", "--state-dir", str(state), "--cpu-slots", "--workers", "2"],
                         env=env, capture_output=True, text=True, timeout=600)
     try:

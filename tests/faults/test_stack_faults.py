@@ -16,11 +16,9 @@ runs first.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import signal
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -44,14 +42,6 @@ SAMPLE = REPO.parent / "shared" / "datasets" / "competition-sample" / \
 # so that they queue. (Concurrent trainings registering at once: test_cluster_e2e.py.)
 LOAD_TRAININGS = int(os.environ.get("CIFAR_TEST_LOAD_TRAININGS", "1"))
 LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "3"))
-
-
-def _loadtest():
-    spec = importlib.util.spec_from_file_location("loadtest", REPO / "infra" / "loadtest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loadtest"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _prefect():
@@ -202,7 +192,8 @@ def test_a_burst_of_run_creations_and_reads_during_a_training_gets_no_5xx(stack)
 
 
 def test_load_of_trainings_and_scorings_completes_with_nothing_lost_or_duplicated(stack):
-    loadtest = _loadtest()
+    from infra import loadtest
+
     report = loadtest.run_load(LOAD_TRAININGS, LOAD_SCORINGS, competition_file=str(SAMPLE),
                                data_source=str(PARQUET), timeout=900)
     print(report.table())

@@ -1,4 +1,4 @@
-"""The local stack (`infra/stack.py`) for real: up, status, a second up, pools, workers,
+"""The local stack (`python -m infra.stack`) for real: up, status, a second up, pools, workers,
 buckets, PostgreSQL and SeaweedFS's S3 holding the data, a killed service restarted by
 supervisord, every process SIGKILLed and the stack brought back (with auth now on) with its
 data, requests without credentials refused, then down keeping the data. The tests run in
@@ -35,7 +35,6 @@ from tests.conftest import stack_pids
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-STACK = REPO / "infra" / "stack.py"
 # Settings of the caller's own services must not steer the stack under test.
 CLEARED = ["CIFAR_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE",
            "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_HOME",
@@ -54,8 +53,8 @@ class Stack:
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(STACK), *args, "--state-dir", str(self.state)],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "infra.stack", *args, "--state-dir", str(self.state)],
+            env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
         )
 
     @property

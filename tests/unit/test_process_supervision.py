@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,6 +18,8 @@ import pytest
 from infra import procs
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _sleeper(**kwargs) -> subprocess.Popen:
@@ -31,7 +34,7 @@ def test_a_program_file_keeps_arguments_and_environment_verbatim(tmp_path):
     body = section["program:mlflow"]
     # supervisord expands %(...)s: a literal % is doubled, and it halves it again.
     assert "50%% off" in body["command"] and "'a b'" in body["command"]
-    assert body["command"].split()[:4] == [sys.executable, procs.__file__, "exec", "--"]
+    assert body["command"].split()[:5] == [sys.executable, "-m", "infra.procs", "exec", "--"]
     assert 'PGPASSWORD="p%%\\"w"' in body["environment"]
     assert f'{procs.STACK_ENV}="{tmp_path}"' in body["environment"]
     assert body["autorestart"] == "true" and body["user"] == "postgres"
@@ -59,9 +62,9 @@ def test_a_fresh_start_stops_only_the_leftovers_of_the_same_program(tmp_path):
         deadline = time.monotonic() + 5
         while len(procs.stack_processes(tmp_path)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)  # the environment is readable once exec is done
-        fresh = subprocess.Popen([sys.executable, procs.__file__, "exec", "--",
+        fresh = subprocess.Popen([sys.executable, "-m", "infra.procs", "exec", "--",
                                   sys.executable, "-c", "print('started')"],
-                                 stdout=subprocess.PIPE, text=True,
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO,
                                  env={**base, procs.PROGRAM_ENV: "mlflow"})
         assert leftover.wait(10) == -signal.SIGTERM  # reaped here: it is this test's child
         assert fresh.communicate(timeout=30)[0].splitlines() == [

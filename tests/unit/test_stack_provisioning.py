@@ -4,11 +4,9 @@ stack's settings, and the `stack` subcommand of the command line."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -223,35 +221,25 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_seaweedfs(tm
     assert external.auth and services.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
 
 
-def test_cli_stack_runs_the_script_with_the_state_dir(monkeypatch, tmp_path):
+def test_cli_stack_runs_the_stack_with_the_state_dir(monkeypatch, tmp_path):
     from flows import cli
+    from infra import stack
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(stack, "main", lambda argv: calls.append(argv) or 0)
     monkeypatch.setenv("CIFAR_STATE_DIR", str(tmp_path))
     args = cli._parser().parse_args(["stack", "up", "--workers", "2", "--cpu-slots"])
     assert args.handler(args) == 0
-    assert calls == [[sys.executable, str(INFRA / "stack.py"), "up", "--state-dir",
-                      str(tmp_path), "--workers", "2", "--cpu-slots"]]
+    assert calls == [["up", "--state-dir", str(tmp_path), "--workers", "2", "--cpu-slots"]]
 
     args = cli._parser().parse_args(["stack", "down", "--workers", "2"])
     with pytest.raises(ValueError, match="only go with `stack up`"):
         args.handler(args)
 
 
-def test_cli_stack_says_so_when_infra_is_missing(monkeypatch, tmp_path):
-    import flows
-    from flows import cli
-
-    monkeypatch.setattr(flows, "__file__", str(tmp_path / "site-packages" / "flows" / "x.py"))
-    monkeypatch.setenv("CIFAR_STATE_DIR", str(tmp_path))
-    args = cli._parser().parse_args(["stack", "status"])
-    with pytest.raises(ValueError, match="infra/ is not part of the installed package"):
-        cli.cmd_stack(argparse.Namespace(**vars(args)))
-
-
 def test_cli_main_runs_stack_with_the_resolved_state_dir(monkeypatch, tmp_path, capsys):
     from flows import cli
+    from infra import stack
 
     # main() writes these into os.environ; monkeypatch puts them back afterwards.
     for name in ["CIFAR_STATE_DIR", "PREFECT_HOME", "PREFECT_API_URL", "GIT_PYTHON_REFRESH",
@@ -259,9 +247,9 @@ def test_cli_main_runs_stack_with_the_resolved_state_dir(monkeypatch, tmp_path, 
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]:
         monkeypatch.delenv(name, raising=False)
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 3)
+    monkeypatch.setattr(stack, "main", lambda argv: calls.append(argv) or 3)
     assert cli.main(["--state-dir", str(tmp_path / "s"), "stack", "status"]) == 3
-    assert calls[0][2:] == ["status", "--state-dir", str((tmp_path / "s").resolve())]
+    assert calls[0] == ["status", "--state-dir", str((tmp_path / "s").resolve())]
     assert cli.main(["stack", "status", "--no-deploy"]) == 1
     assert "error: --no-deploy only go with `stack up`" in capsys.readouterr().err
 
