@@ -12,9 +12,12 @@ The stack is the session's (`stack` in tests/conftest.py); this module runs firs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -290,3 +293,106 @@ def test_the_uis_show_the_run_and_the_champion_in_a_real_browser(stack, trained)
     assert (OUTPUT / "prefect-flow-run.png").stat().st_size > 0
     assert (OUTPUT / "mlflow-registered-model.png").stat().st_size > 0
     assert (OUTPUT / "mlflow-model-version.png").stat().st_size > 0
+
+
+def _artifacts(client, run) -> dict[str, list]:
+    """{type: [artifact]} of a flow run (its own, not its tasks')."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found: dict[str, list] = {}
+    for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))):
+        found.setdefault(artifact.type, []).append(artifact)
+    return found
+
+
+def test_the_run_pages_show_progress_and_curves_in_a_real_browser(stack, trained):
+    """The parent's and a child's run pages as a user opens them: each has a progress
+    artifact at 100%; the child's curves, an image served by MLflow, load."""
+    from playwright import sync_api as playwright
+
+    run, children, _ = trained
+    child = children[0]
+    assert run.name == f"train-resnets {RUN_KEY}"
+    with _prefect() as client:
+        pages = {"parent": (run, _artifacts(client, run)),
+                 "child": (child, _artifacts(client, child))}
+    for name, (_, found) in pages.items():
+        (progress,) = found["progress"]
+        assert progress.data == 100, (name, progress.data, progress.description)
+    (curves,) = pages["child"][1]["image"]
+    assert curves.data.startswith(os.environ["MLFLOW_TRACKING_URI"])
+    prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    OUTPUT.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser, page = stack_browser_page(p, os.environ)
+        for name, (flow_run, found) in pages.items():
+            (progress,) = found["progress"]
+            page.goto(f"{prefect_ui}/runs/flow-run/{flow_run.id}")
+            page.get_by_text("Artifacts", exact=True).first.click()
+            # The card shows the artifact's description: where it got to, and "done".
+            card = page.get_by_text(progress.description).first
+            card.wait_for(timeout=60_000)
+            card.scroll_into_view_if_needed()
+            page.screenshot(path=OUTPUT / f"prefect-{name}-run-artifacts.png")
+            page.goto(f"{prefect_ui}/artifacts/artifact/{progress.id}")
+            page.get_by_text("Progress: 100%").first.wait_for(timeout=60_000)
+        page.goto(f"{prefect_ui}/artifacts/artifact/{curves.id}")
+        image = page.locator(".artifact-data-image img")
+        image.wait_for(timeout=60_000)
+        page.wait_for_function("img => img.complete", arg=image.element_handle(),
+                               timeout=60_000)
+        assert image.evaluate("img => img.naturalWidth") > 100  # loaded, not a broken icon
+        page.screenshot(path=OUTPUT / "prefect-child-curves.png", full_page=True)
+        browser.close()
+
+
+def _kept_outputs(s3) -> dict[str, str]:
+    """{key: ETag} of the checkpoints and predictions in the bucket."""
+    keys = [k for k in _keys(s3, "objects/") if k.endswith((".pt", "predictions.csv"))]
+    return {k: s3.head_object(Bucket="cifar-pipeline", Key=k)["ETag"] for k in keys}
+
+
+def _champion_predicts(stack) -> dict:
+    """`cifar-pipeline predict --json` on the competition file, with the champion."""
+    env = {**stack["env"], **stack["client_env"]}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cifar-pipeline"), "predict", "--json",
+         env["CIFAR_COMPETITION_FILE"]], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_the_champion_and_its_outputs_outlive_a_killed_stack_and_a_down_and_up(stack, trained):
+    """SIGKILL to supervisord and everything under it (a power cut, the OOM killer), `up`;
+    then `down` and `up`: the champion still loads and predicts, and the checkpoints and
+    predictions are still in the bucket, byte for byte."""
+    import psutil
+
+    from infra.procs import stack_processes
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    kept = _kept_outputs(s3)
+    assert any(k.endswith(".pt") for k in kept) and any(k.endswith(".csv") for k in kept)
+    before = _champion_predicts(stack)
+    root = stack["state"] / "stack"
+    victims = [psutil.Process(int((root / "supervisor" / "supervisord.pid").read_text())),
+               *stack_processes(root)]
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+    for action in ("up", "down", "up"):
+        # The deployments are in PostgreSQL with the rest: no need to deploy them again.
+        args = ["--cpu-slots", "--workers", "2", "--no-deploy"] if action == "up" else []
+        done = subprocess.run([*stack["cmd"], action, "--state-dir", str(stack["state"]), *args],
+                              env=stack["env"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if action == "up":
+            after = _champion_predicts(stack)
+            assert after["model"] == before["model"]
+            assert [p["class"] for p in after["predictions"]] == \
+                [p["class"] for p in before["predictions"]]
+            assert max(abs(a["confidence"] - b["confidence"]) for a, b in
+                       zip(after["predictions"], before["predictions"], strict=True)) < 1e-5
+            assert _kept_outputs(s3) == kept
