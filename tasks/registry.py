@@ -6,6 +6,7 @@ whose sha256, recorded at registration, every load checks.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import warnings
@@ -214,8 +215,18 @@ def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         raise RegistryError(f"{mv.name} version {mv.version} lacks the tag {exc}") from exc
     with tempfile.TemporaryDirectory() as tmp:
         # The logged model's directory: the weights plus a few small MLflow files.
-        root = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
-        path = Path(root) / "artifacts" / "weights.pt"
+        where = mlflow.MlflowClient().get_model_version_download_uri(mv.name, mv.version)
+        # Its "No artifacts found" INFO line would come before the error that says so.
+        logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
+        try:
+            root = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+            path = Path(root) / "artifacts" / "weights.pt"
+            path.stat()
+        except Exception as exc:  # gone, or its store does not answer: say which version
+            why = ("weights.pt is missing" if isinstance(exc, FileNotFoundError)
+                   else f"{type(exc).__name__}: {exc}")
+            raise RegistryError(f"{mv.name} version {mv.version}: its files at {where} "
+                                f"cannot be read ({why})") from exc
         network = load_weights(build_model(variant), path, expected_sha256=sha)
     return LoadedModel(network.to(device).eval(), mv.name, str(mv.version), mv.run_id or "",
                        variant, sha, tags)

@@ -75,7 +75,33 @@ class Settings:
                     # Another process created it first.
                     if client.get_experiment_by_name(EXPERIMENT) is None:
                         raise
+            found = client.get_experiment_by_name(EXPERIMENT).artifact_location
+            if self._embedded() and found != self.artifact_root \
+                    and found.startswith("file://") and found.endswith("/mlartifacts"):
+                _relocate(self.state_dir / "mlflow.db", found, self.artifact_root)
             mlflow.set_experiment(EXPERIMENT)
+
+    def _embedded(self) -> bool:
+        """Are MLflow's database and artifacts the state directory's own, by default?"""
+        return (self.tracking_uri, self.artifact_root) == (
+            sqlite_uri(self.state_dir / "mlflow.db"), (self.state_dir / "mlartifacts").as_uri())
+
+
+# The absolute artifact locations MLflow keeps in its database.
+_LOCATIONS = [("experiments", "artifact_location"), ("runs", "artifact_uri"),
+              ("logged_models", "artifact_location"), ("model_versions", "storage_location")]
+
+
+def _relocate(database: Path, old: str, new: str) -> None:
+    """A state directory that was moved or copied: the artifact locations of its database
+    move to its own `mlartifacts`, so that its models load and its new runs stay inside."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as db, db:
+        for table, column in _LOCATIONS:
+            db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE "
+                       f"substr({column}, 1, ?) = ? AND substr({column}, ?, 1) IN ('', '/')",
+                       (new, len(old) + 1, len(old), old, len(old) + 1))
 
 
 def sqlite_uri(path: Path, driver: str = "sqlite") -> str:

@@ -93,3 +93,65 @@ def test_a_state_dir_that_is_not_a_directory_is_one_clear_error(
     assert ("is a file: pass --state-dir a directory" if where == "file"
             else "a part of the path is a file") in err[0]
     assert afile.read_text() == "not a directory"
+
+
+def _open(state: Path) -> Settings:
+    """The settings a new process would take for `state` (MLflow keeps the last tracking
+    URI and experiment it was given in os.environ)."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(name, None)
+    settings = Settings.from_env(state)
+    settings.apply()
+    return settings
+
+
+def _register(state: Path) -> str:
+    _open(state)
+    with tracked_run():
+        return str(registry.register(build_model("light"), variant="light",
+                                     tags={"val_acc": "0.1"}, tta=False).version)
+
+
+def _weights(state: Path) -> list[Path]:
+    return sorted((state / "mlartifacts").rglob("weights.pt"))
+
+
+def test_a_moved_or_copied_state_dir_loads_its_models_and_keeps_new_ones_inside(
+    state: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """MLflow's database holds absolute artifact locations. A moved directory's models load
+    from where it is now, and neither a new training there nor one in a copy writes outside
+    the directory it runs in (once, a copy registered its new models into the original)."""
+    import shutil
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    original, moved, copied = (state.parent / n for n in ("original", "moved", "copied"))
+    first = _register(original)
+    shutil.move(original, moved)
+    _open(moved)
+    assert registry.load(f"models:/{registry.REGISTERED_MODEL}/{first}").version == first
+    shutil.copytree(moved, copied)
+    second = _register(copied)
+    assert registry.load(f"models:/{registry.REGISTERED_MODEL}/{second}").version == second
+    assert len(_weights(copied)) == 2 and len(_weights(moved)) == 1
+    assert not original.exists()  # not recreated by the later runs
+
+    # A version whose files are gone: one error line naming it, from the command line.
+    from urllib.request import url2pathname
+
+    from PIL import Image
+
+    location = mlflow.MlflowClient().get_model_version_download_uri(
+        registry.REGISTERED_MODEL, first)
+    assert location.startswith((copied / "mlartifacts").as_uri())
+    shutil.rmtree(url2pathname(location.removeprefix("file://")))
+    image = state.parent / "cat.png"
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(image)
+    capsys.readouterr()
+    predict = ["--state-dir", str(copied), "predict", str(image), "--model-uri"]
+    assert main([*predict, f"models:/{registry.REGISTERED_MODEL}/{first}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert f"{registry.REGISTERED_MODEL} version {first}: its files at {location}" in err[0]
+    assert err[0].endswith("cannot be read (weights.pt is missing)")
+    assert main([*predict, f"models:/{registry.REGISTERED_MODEL}/{second}"]) == 0
