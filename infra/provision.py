@@ -156,7 +156,7 @@ def worker_plan(count: int | None, cpu_slots: bool,
         if count is not None and count > len(gpus):
             raise StackError(f"--workers {count}, but this machine has {len(gpus)} GPU(s); "
                              "pass --cpu-slots to run workers without a GPU")
-        chosen = [g.index for g in gpus][:count] if count else None
+        chosen = gpus[:count] if count else None
         gpu_pool = workers.plan("gpu", gpus, only=chosen, prefect=prefect)
     if cpu_pool_workers == 0:
         return gpu_pool

@@ -314,10 +314,6 @@ def _alerts_program(stack: Stack) -> Program:
     return Program("alerts", argv, _base_env(), str(REPO))
 
 
-def _basic(credentials: str) -> str:
-    return "Basic " + base64.b64encode(credentials.encode()).decode()
-
-
 # The servers are on this machine: never ask an HTTP proxy from the environment for them.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -344,7 +340,8 @@ def prefect_call(stack: Stack, path: str, *, method: str = "GET", body: object =
 def prefect_headers(stack: Stack) -> dict[str, str]:
     if not stack.auth:
         return {}
-    return {"Authorization": _basic(secrets_for(stack)["prefect_api_auth_string"])}
+    token = base64.b64encode(secrets_for(stack)["prefect_api_auth_string"].encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
 def s3_client(stack: Stack):

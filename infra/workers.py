@@ -31,23 +31,14 @@ CPU_POOL_LIMIT = 4  # flow runs at once on a worker of a pool without GPUs
 # How often an idle worker asks for work: a GPU that finishes a run starts the next queued
 # one within seconds instead of Prefect's default 10.
 QUERY_SECONDS = 2
-_GPU_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?\s*$")
 
 
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    name: str
-    uuid: str | None
+def parse_gpus(text: str) -> list[int]:
+    """GPU indices of `nvidia-smi -L` output; MIG instances (indented lines) not counted."""
+    return [int(m[1]) for m in re.finditer(r"^GPU (\d+): ", text, re.MULTILINE)]
 
 
-def parse_gpus(text: str) -> list[Gpu]:
-    """GPUs of `nvidia-smi -L` output; MIG instances (indented lines) are not counted."""
-    matches = (_GPU_LINE.match(line) for line in text.splitlines())
-    return [Gpu(int(m[1]), m[2], m[3]) for m in matches if m]
-
-
-def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[Gpu]:
+def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[int]:
     """This machine's GPUs by `nvidia-smi -L`; none when it is absent or fails (a driver
     not loaded), which is said on stderr."""
     try:
@@ -95,7 +86,7 @@ class Worker:
         return env
 
 
-def plan(pool: str, gpus: Sequence[Gpu], *, cpu_slots: int | None = None,
+def plan(pool: str, gpus: Sequence[int], *, cpu_slots: int | None = None,
          only: Iterable[int] | None = None, share_gpu: bool = False, limit: int = 1,
          host: str | None = None, prefect: str = "prefect") -> list[Worker]:
     """The workers to run: one per GPU (or per GPU of `only`), or `cpu_slots` without one.
@@ -116,7 +107,7 @@ def plan(pool: str, gpus: Sequence[Gpu], *, cpu_slots: int | None = None,
     if limit > 1 and not share_gpu:
         raise StackError(f"--limit {limit} would run {limit} flow runs on one GPU; "
                          "pass --share-gpu if that is what you want")
-    indices = [g.index for g in gpus]
+    indices = list(gpus)
     chosen = list(indices) if only is None else list(only)
     unknown = [i for i in chosen if i not in indices]
     if unknown:

@@ -87,14 +87,13 @@ class Settings:
             sqlite_uri(self.state_dir / "mlflow.db"), (self.state_dir / "mlartifacts").as_uri())
 
 
-# The absolute artifact locations MLflow keeps in its database.
 _LOCATIONS = [("experiments", "artifact_location"), ("runs", "artifact_uri"),
               ("logged_models", "artifact_location"), ("model_versions", "storage_location")]
 
 
 def _relocate(database: Path, old: str, new: str) -> None:
-    """A state directory that was moved or copied: the artifact locations of its database
-    move to its own `mlartifacts`, so that its models load and its new runs stay inside."""
+    """A state directory that was moved or copied: the absolute artifact locations of its
+    database move to its own `mlartifacts`, so its models load and its new runs stay inside."""
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(database, timeout=60)) as db, db:

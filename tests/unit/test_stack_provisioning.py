@@ -37,10 +37,7 @@ def _runner(stdout: str = "", returncode: int = 0, raises: Exception | None = No
 
 
 def test_gpus_are_the_gpu_lines_of_nvidia_smi_and_mig_lines_are_not_counted():
-    gpus = workers.detect_gpus(_runner(NVIDIA_SMI))
-    assert [g.index for g in gpus] == [0, 1]
-    assert gpus[0].name == "NVIDIA H100 80GB HBM3"
-    assert gpus[1].uuid == "GPU-66666666-7777-8888-9999-000000000000"
+    assert workers.detect_gpus(_runner(NVIDIA_SMI)) == [0, 1]
 
 
 def test_no_nvidia_smi_or_a_failing_one_means_no_gpu(capsys):
