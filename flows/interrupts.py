@@ -21,8 +21,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
+
+from model.errors import UserError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -211,6 +215,8 @@ def start_prefect_server(state: Path) -> psutil.Popen:
     from tasks.settings import file_lock
 
     home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"  # its errors: in the state directory, not on the terminal
     database = home / "prefect.db"
     fresh = not database.exists() or database.stat().st_size == 0
     with socket.socket() as s:
@@ -221,12 +227,12 @@ def start_prefect_server(state: Path) -> psutil.Popen:
         server = psutil.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "ERROR", "--no-ui"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with(os.getpid()))
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),  # noqa: SIM115
+            start_new_session=True, preexec_fn=_die_with(os.getpid()))
         # Registered before Prefect is imported, so it runs after Prefect's own exit hooks.
         atexit.register(stop_processes, [server])
         _wait_until_healthy(server, url, float(
-            os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120))
+            os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120), log)
     os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_UI_URL", "")  # no links to pages gone after the command
     return server
@@ -243,7 +249,7 @@ def _die_with(parent: int) -> Callable[[], None]:
     return preexec
 
 
-def _wait_until_healthy(server: psutil.Popen, url: str, timeout: float) -> None:
+def _wait_until_healthy(server: psutil.Popen, url: str, timeout: float, log: Path) -> None:
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # it is local
     deadline = time.monotonic() + timeout
     while server.poll() is None and time.monotonic() < deadline:
@@ -253,5 +259,13 @@ def _wait_until_healthy(server: psutil.Popen, url: str, timeout: float) -> None:
     why = (f"exited with status {server.returncode}" if server.poll() is not None
            else f"did not answer within {timeout:.0f} s")
     stop_processes([server])
-    raise RuntimeError(f"the Prefect server for this command {why}; run `prefect server "
-                       "start` to see why, or set PREFECT_API_URL to a running one")
+    from tasks.settings import StateDirError, disk_error_message
+
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    last = next((li for li in reversed(text.splitlines()) if "Error" in li), "(nothing)")
+    # The disk filled up after the free-space check (the log itself may have found none).
+    if "disk is full" in last or "No space left" in last or shutil.disk_usage(log).free < 2**20:
+        full = disk_error_message(OSError(errno.ENOSPC, "full"), log.parent.parent)
+        raise StateDirError(f"cannot use the state directory: {full}")
+    raise UserError(f"the Prefect server for this command {why}; its log {log} says: "
+                    f"{last}")
