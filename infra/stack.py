@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from infra import postgres, provision, services, workers
@@ -151,7 +152,8 @@ def print_status(stack: Stack) -> bool:
               f"{'ok' if health else 'down'}{extra}")
         return health and state.get("statename") == "RUNNING"
 
-    ok = all([row(n, SERVICES[n].url(stack), healthy(stack, n)) for n in stack.services()])
+    ok = all([row(n, SERVICES[n].url(stack), healthy(stack, n))
+                for stage in stack.stages() for n in stage])
     if stack.s3_external is not None:
         health = healthy(stack, "s3")  # the same ListBuckets, on the user's endpoint
         ok = ok and health
@@ -163,7 +165,23 @@ def print_status(stack: Stack) -> bool:
         print("no workers")
     if stack.auth:
         print(f"auth     on (credentials in {stack.root / 'env'})")
+    if healthy(stack, "prefect") and (failed := _undelivered_alerts(stack)):
+        print(f"alerts   {failed}")
     return ok
+
+
+def _undelivered_alerts(stack: Stack) -> str | None:
+    """The alerts of the last day that the automations could not post (a webhook that
+    failed or never answered), which Prefect records only as events."""
+    since = datetime.now(UTC) - timedelta(days=1)
+    found = services.prefect_call(stack, "/events/filter", method="POST", body={"limit": 1,
+        "filter": {"event": {"name": ["prefect.automation.action.failed"]},
+                   "occurred": {"since": since.isoformat()}}})
+    if not found["total"]:
+        return None
+    last = found["events"][0]
+    return (f"{found['total']} not delivered in the last day; the last at "
+            f"{last['occurred'][:19]}: {last['payload'].get('reason')}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
