@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--run-key {args.run_key!r} is not a run key: {RUN_KEY_RULE}")
         state = _configure_environment(args.state_dir, args.command)
         if args.command == "stack":
-            # Only starts a script: spare it the seconds of importing torch and mlflow below.
+            # infra.stack needs none of the seconds of importing torch and mlflow below.
             return cmd_stack(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

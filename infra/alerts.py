@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from infra.procs import StackError
-from infra.services import fetch
+from infra.services import prefect_api
 
 AUTOMATIONS = Path(__file__).with_name("automations.yaml")
 BLOCK_NAME = "cifar-alerts"  # the Webhook block the automations post through
@@ -39,15 +39,6 @@ MAX_BODY = 1 << 20  # bytes; an alert is a few hundred
 
 # api(path, method=, body=): the decoded answer of the Prefect API (None when empty).
 Api = Callable[..., object]
-
-
-def prefect_api(api_url: str, headers: dict[str, str]) -> Api:
-    def call(path: str, *, method: str = "GET", body: object = None):
-        raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method, body=body,
-                    timeout=15)
-        return json.loads(raw) if raw else None
-
-    return call
 
 
 def _detail(error: urllib.error.HTTPError) -> str:
@@ -158,8 +149,8 @@ def _cmd_apply(_args: argparse.Namespace) -> int:
     return 0
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    server: _ReceiverServer
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
 
     def _reply(self, status: int, body: dict) -> None:
         raw = json.dumps(body).encode()
@@ -186,10 +177,12 @@ class _Receiver(BaseHTTPRequestHandler):
         self._reply(200, {"ok": True})
 
 
-class _ReceiverServer(ThreadingHTTPServer):
+class Receiver(ThreadingHTTPServer):
+    """The receiver, bound but not yet serving (`serve_forever`)."""
+
     def __init__(self, host: str, port: int, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__((host, port), _Receiver)
+        super().__init__((host, port), _Handler)
         self.out = out
         self.received = 0
         self._lock = threading.Lock()
@@ -200,12 +193,8 @@ class _ReceiverServer(ThreadingHTTPServer):
             self.received += 1
 
 
-# The receiver, bound but not yet serving (`serve_forever` in a thread for tests).
-receiver = _ReceiverServer
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    server = receiver(args.host, args.port, Path(args.out))
+    server = Receiver(args.host, args.port, Path(args.out))
     print(f"alert receiver on http://{args.host}:{args.port}, appending to {args.out}",
           flush=True)
     server.serve_forever()

@@ -1,22 +1,10 @@
-"""Load on the local stack: many smoke-profile trainings and scorings at once.
+"""Load on the local stack: many smoke-profile trainings and scorings at once, submitted
+through the Prefect API, then checks that every run Completed, that each training
+registered exactly one version and each scoring input left exactly one complete output
+set, and that the API answered no request with a 5xx (its client's retries are off, so
+none is hidden). Prints a throughput table; exits 1 if a check failed. See the README.
 
     python -m infra.loadtest --state-dir .stack [--trainings 20] [--scorings 50]
-
-Submits `--trainings` train-variant runs (the smoke profile, each its own seed and run key)
-and `--scorings` score-competition runs (each on its own slice of the competition file,
-all with one model version registered for the purpose) through the Prefect API of a stack
-that `python -m infra.stack up` started. It waits for all of them and then checks that nothing was
-lost or duplicated:
-
-- every flow run Completed;
-- every training left one `registered.json`, and the registry holds exactly one version
-  per training run key, no more;
-- the bucket holds exactly one complete set of outputs (CSV, Parquet, manifest) per
-  scoring input, under this load run's own prefix, and nothing else there;
-- the Prefect API answered no request of the load (submissions, polls) with a 5xx: its
-  client runs with retries off, so that none is hidden; one is counted, then retried.
-
-It prints a throughput table and exits non-zero if any check failed.
 """
 
 from __future__ import annotations
@@ -33,16 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import read_env_file
+from infra.procs import StackError, read_env_file
 
 TRAIN_DEPLOYMENT = "train-variant/train-variant"
 SCORE_DEPLOYMENT = "score-competition/score-competition"
 BUCKET = "cifar-pipeline"
 OUTPUT_FILES = ("predictions.csv", "predictions.parquet", "manifest.json")
-
-
-class LoadError(RuntimeError):
-    """The stack is not there, or a precondition of the load run does not hold."""
 
 
 @dataclass
@@ -93,7 +77,7 @@ def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
 
     ids, images = read_competition_pickle(path)
     if count * rows > len(ids):
-        raise LoadError(f"{path} holds {len(ids)} images; {count} scorings of {rows} "
+        raise StackError(f"{path} holds {len(ids)} images; {count} scorings of {rows} "
                         f"distinct images need {count * rows}")
     parts = [slice(i * rows, (i + 1) * rows) for i in range(count)]
     return [pickle.dumps({b"data": images[p], b"ids": ids[p]}, protocol=4) for p in parts]
@@ -142,7 +126,7 @@ def _wait(client, run_ids: Sequence, timeout: float, errors: list[int]) -> dict:
             final.update({r.id: r for r in runs if r.state is not None and r.state.is_final()})
         if len(final) < len(run_ids):
             if time.monotonic() > deadline:
-                raise LoadError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did not "
+                raise StackError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did not "
                                 f"finish within {timeout:.0f} s")
             time.sleep(2)
     return final
@@ -180,8 +164,8 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
     s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3"))
     started = time.monotonic()
 
-    version = _register_scoring_model(tag) if scorings else None
     inputs = _competition_slices(competition_file, scorings, rows) if scorings else []
+    version = _register_scoring_model(tag) if scorings else None
     for i, body in enumerate(inputs):
         s3.put_object(Bucket=BUCKET, Key=f"loadtest/{tag}/inputs/{i:03d}.pkl", Body=body)
 
@@ -292,12 +276,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     try:
         env_file = args.state_dir / "stack" / "env"
         if not env_file.is_file():
-            raise LoadError(f"{env_file} does not exist: start the stack with "
+            raise StackError(f"{env_file} does not exist: start the stack with "
                             "`python -m infra.stack up --state-dir DIR` first")
         os.environ.update(read_env_file(env_file))
         report = run_load(args.trainings, args.scorings, competition_file=args.competition_file,
                           data_source=args.data_source, rows=args.rows, timeout=args.timeout)
-    except LoadError as exc:
+    except StackError as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
         return 2
     print(report.table())

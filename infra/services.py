@@ -72,17 +72,10 @@ class Stack:
     def alerts_url(self) -> str:  # where alerts go without CIFAR_ALERT_WEBHOOK_URL
         return f"http://{HOST}:{self.ports['alerts']}"
 
-    @property
-    def alerts_file(self) -> Path:
-        return self.root / "alerts.jsonl"
-
     def stages(self) -> list[list[str]]:
         """The services in the order they start: the databases first, then their users."""
         return [["postgres"] + (["s3"] if self.s3_external is None else []),
                 ["prefect", "mlflow", "alerts"]]
-
-    def services(self) -> list[str]:
-        return [name for stage in self.stages() for name in stage]
 
     def save(self) -> None:
         body = {"host": HOST, "ports": self.ports, "s3_external_endpoint": self.s3_external,
@@ -310,7 +303,7 @@ def _mlflow_program(stack: Stack) -> Program:
 
 def _alerts_program(stack: Stack) -> Program:
     argv = [sys.executable, "-m", "infra.alerts", "serve", "--host", HOST, "--port",
-            str(stack.ports["alerts"]), "--out", str(stack.alerts_file)]
+            str(stack.ports["alerts"]), "--out", str(stack.root / "alerts.jsonl")]
     return Program("alerts", argv, _base_env(), str(REPO))
 
 
@@ -329,12 +322,19 @@ def fetch(url: str, headers: Mapping[str, str] | None = None, *, method: str = "
         return response.read()
 
 
-def prefect_call(stack: Stack, path: str, *, method: str = "GET", body: object = None,
-                 timeout: float = 10):
-    """The decoded answer of the stack's Prefect API to `method path` (None if empty)."""
-    raw = fetch(f"{stack.prefect_api}{path}", prefect_headers(stack), method=method,
-                body=body, timeout=timeout)
-    return json.loads(raw) if raw else None
+def prefect_api(api_url: str, headers: Mapping[str, str]) -> Callable[..., object]:
+    """api(path, method=, body=): the decoded answer of a Prefect API (None when empty)."""
+    def call(path: str, *, method: str = "GET", body: object = None, timeout: float = 15):
+        raw = fetch(f"{api_url.rstrip('/')}{path}", headers, method=method, body=body,
+                    timeout=timeout)
+        return json.loads(raw) if raw else None
+
+    return call
+
+
+def prefect_call(stack: Stack, path: str, **kwargs):
+    """The stack's Prefect API, with its credentials: see prefect_api."""
+    return prefect_api(stack.prefect_api, prefect_headers(stack))(path, **kwargs)
 
 
 def prefect_headers(stack: Stack) -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -133,11 +132,6 @@ def pool_limit(workers: Sequence[Worker]) -> int:
     return sum(w.limit for w in workers)
 
 
-def pool_limit_args(pool: str, limit: int) -> list[str]:
-    """The `prefect` arguments that cap `pool` at `limit` concurrent flow runs."""
-    return ["work-pool", "set-concurrency-limit", pool, str(limit)]
-
-
 def start_workers(root: Path, workers: Sequence[Worker], env: Mapping[str, str],
                   cwd: str | None = None) -> list[str]:
     """Run each worker under the state directory's supervisord; one already running with
@@ -214,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print(f"logs: {root / 'logs'}")
             # Other machines may serve the pool too, so the pool's limit is left to the user.
-            limit = pool_limit_args(args.pool, pool_limit(workers))
-            print(f"{limit[-1]} run(s) at once here; cap the pool at the sum over all its "
-                  f"machines: prefect {shlex.join(limit[:-1])} <sum>")
+            print(f"{pool_limit(workers)} run(s) at once here; cap the pool at the sum over all "
+                  f"its machines: prefect work-pool set-concurrency-limit {args.pool} <sum>")
             return 0
         if args.action == "stop":
             for line in stop_workers(root, args.pool):

@@ -63,7 +63,7 @@ def atomic_write(
 
 
 def s3_endpoint_url() -> str | None:
-    """The S3-compatible endpoint from the environment (MinIO, Ceph, moto), or None for AWS.
+    """The S3-compatible endpoint from the environment (SeaweedFS, Ceph, moto), or None for AWS.
 
     AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL, as in boto3 itself.
     """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infra import alerts
+from infra import alerts, services
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTED_FLOWS = {"train-resnets", "train-variant", "score-competition"}
@@ -23,7 +23,7 @@ ALERTED_FLOWS = {"train-resnets", "train-variant", "score-competition"}
 
 @pytest.fixture
 def receiver(tmp_path):
-    server = alerts.receiver("127.0.0.1", 0, tmp_path / "alerts.jsonl")
+    server = alerts.Receiver("127.0.0.1", 0, tmp_path / "alerts.jsonl")
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -130,7 +130,7 @@ def test_a_refusal_is_reported_at_once_without_retrying(monkeypatch):
         calls.append(url)
         raise urllib.error.HTTPError(url, 503, "Service Unavailable", None, None)
 
-    monkeypatch.setattr(alerts, "fetch", fake_fetch)
+    monkeypatch.setattr(services, "fetch", fake_fetch)
     with pytest.raises(urllib.error.HTTPError, match="Service Unavailable"):
-        alerts.prefect_api("http://127.0.0.1:1/api", {})("/automations/", method="POST")
+        services.prefect_api("http://127.0.0.1:1/api", {})("/automations/", method="POST")
     assert len(calls) == 1

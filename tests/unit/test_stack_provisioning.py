@@ -116,8 +116,6 @@ def test_the_gpu_pool_is_capped_at_the_runs_its_workers_take(monkeypatch):
     assert provision.pool_limits(provision.worker_plan(3, True))["gpu"] == 3
     gpus = workers.parse_gpus(NVIDIA_SMI)
     assert workers.pool_limit(workers.plan("gpu", gpus, limit=2, share_gpu=True, host="h")) == 4
-    assert workers.pool_limit_args("gpu", 2) == ["work-pool", "set-concurrency-limit", "gpu",
-                                                 "2"]
 
 
 class FakePrefect:
@@ -212,7 +210,7 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_seaweedfs(tm
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.internal:9000")
     external = stack.configure(tmp_path, auth=True)  # nothing runs: settings may change
-    assert external.services() == ["postgres", "prefect", "mlflow", "alerts"]
+    assert external.stages() == [["postgres"], ["prefect", "mlflow", "alerts"]]
     assert external.s3_endpoint == "http://s3.internal:9000"
     assert "AWS_ACCESS_KEY_ID" not in services.client_env(external)  # the user's own
     assert external.auth and services.client_env(external)["MLFLOW_TRACKING_USERNAME"] == "admin"
