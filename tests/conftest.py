@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # infra/ ships with the checkout, not the installed package
+if str(REPO) not in sys.path:  # this checkout's packages (and `tests`), whatever is installed
     sys.path.insert(0, str(REPO))
 
 from infra.procs import Supervisor, read_env_file  # noqa: E402

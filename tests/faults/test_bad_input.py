@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from tests.conftest import COMPETITION_SAMPLE
+from tests.conftest import SHARED_PARQUET as PARQUET
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
-PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
 
 
 def _call(module: str, name: str, arg: str) -> bytes:
@@ -152,7 +152,7 @@ def test_an_oversize_file_is_refused_before_it_is_read(state, tmp_path, capsys):
 
 
 def test_an_unknown_model_or_alias_is_a_clear_error(state, capsys):
-    sample = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
+    sample = COMPETITION_SAMPLE
     for uri, fragment in (("models:/nope@champion", "no registered model named 'nope'"),
                           ("models:/cifar10-resnet@nope", "no registered model")):
         code = main(["--state-dir", str(state), "score", "--input", str(sample),

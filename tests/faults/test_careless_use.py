@@ -24,10 +24,9 @@ from pydantic import ValidationError
 
 from flows.cli import main
 from flows.config import TrainResnetsConfig
+from tests.conftest import COMPETITION_SAMPLE as SAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO.parent / "shared" / "datasets" / "competition-sample" / \
-    "cifar_test_nolabel_sample.pkl"
 
 
 @pytest.fixture

@@ -36,9 +36,9 @@ import pytest
 from flows.cli import main
 from tasks.metrics import TrackingUnavailableError
 from tasks.settings import Settings, bypass_proxy_for_loopback
+from tests.conftest import SHARED_PARQUET as PARQUET
 
 REPO = Path(__file__).resolve().parents[2]
-PARQUET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 TIMEOUT = 2.0  # CIFAR_TRACKING_TIMEOUT_SECONDS in these tests
 SLACK = 3.0  # what a refusal may take beyond that budget on a busy machine
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import SHARED_PARQUET as PARQUET
+
 REPO = Path(__file__).resolve().parents[2]
-PARQUET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
 # From the signal to the exit. The interrupt lands once the running torch operation
 # returns (well under a second, unless the machine is busy), then recording the runs'
 # ends and stopping the children takes about two seconds.

@@ -28,12 +28,11 @@ import pytest
 import tasks.training
 from flows.train import TrainResnetsConfig, train
 from tasks.settings import EXPERIMENT, REGISTERED_MODEL
+from tests.conftest import SHARED_PARQUET as PARQUET
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.usefixtures("prefect_harness")]
 
-PARQUET = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / \
-    "cifar10-jpeg" / "train.parquet"
 SMALL = dict(variants=["light"], batch_size=32, train_size=96, val_size=48,
              data_source=str(PARQUET))
 

@@ -3,8 +3,6 @@ stays where it was."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 import pytest
 import torch
@@ -13,9 +11,7 @@ from flows.train import TrainResnetsConfig, train
 from model.nets import build_model
 from tasks import registry
 from tasks.settings import REGISTERED_MODEL, Settings
-
-PARQUET = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / \
-    "cifar10-jpeg" / "train.parquet"
+from tests.conftest import SHARED_PARQUET as PARQUET
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -29,14 +29,12 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.conftest import COMPETITION_SAMPLE as SAMPLE
+from tests.conftest import SHARED_PARQUET as PARQUET
 from tests.conftest import stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-PARQUET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet"
-SAMPLE = REPO.parent / "shared" / "datasets" / "competition-sample" / \
-    "cifar_test_nolabel_sample.pkl"
 # The README's figures come from `infra/loadtest.py` at 20 + 50; the suite checks the same
 # invariants at a scale that fits its time budget: more runs than the stack's two workers,
 # so that they queue. (Concurrent trainings registering at once: test_cluster_e2e.py.)

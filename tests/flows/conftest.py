@@ -44,15 +44,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def parquet(shared_parquet: Path) -> Path:
-    """The training data of the flow tests: the shared Parquet (tests/conftest.py)."""
-    return shared_parquet
-
-
-@pytest.fixture(scope="session")
-def small_data(parquet: Path, cache_dir: Path) -> Dataset:
+def small_data(shared_parquet: Path, cache_dir: Path) -> Dataset:
     """The split a flow sees with train_size=TRAIN_SIZE, val_size=VAL_SIZE, split seed 0."""
-    return load_dataset(str(parquet), val_size=VAL_SIZE, train_size=TRAIN_SIZE, seed=0,
+    return load_dataset(str(shared_parquet), val_size=VAL_SIZE, train_size=TRAIN_SIZE, seed=0,
                         cache_dir=cache_dir)
 
 

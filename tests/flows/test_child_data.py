@@ -40,10 +40,10 @@ print(json.dumps({**result, "child_source": os.environ.get("CIFAR10_SOURCE")}))
 
 @pytest.mark.slow
 def test_a_child_whose_environment_names_no_source_trains_on_the_parents_data(
-    parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
+    shared_parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("CIFAR10_SOURCE", str(parquet))  # the parent's machine only
+    monkeypatch.setenv("CIFAR10_SOURCE", str(shared_parquet))  # the parent's machine only
     children: list[tuple[VariantJob, str | None]] = []
 
     def worker_without_a_source(jobs, config, settings):
@@ -67,19 +67,19 @@ def test_a_child_whose_environment_names_no_source_trains_on_the_parents_data(
                                        train_size=256, val_size=128, dispatch="pool"))
     ((job, child_env),) = children
     assert child_env is None
-    assert job.data.data_source == parquet.as_uri() and job.data_digest == small_data.digest
+    assert job.data.data_source == shared_parquet.as_uri() and job.data_digest == small_data.digest
     (version,) = tracking.search_model_versions(f"name='{REGISTERED_MODEL}'")
     assert version.tags["data_digest"] == small_data.digest == summary["data_digest"]
     assert version.tags["val_digest"] == small_data.val.digest
-    assert tracking.get_run(version.run_id).data.params["data_source"] == parquet.as_uri()
+    assert tracking.get_run(version.run_id).data.params["data_source"] == shared_parquet.as_uri()
 
 
 def test_a_child_given_other_data_fails_naming_both_digests_and_sources(
-    parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
+    shared_parquet: Path, small_data: Dataset, tracking: mlflow.MlflowClient,
 ) -> None:
     parents = "0" * 64  # what the parent decoded: another file at the same path
     job = VariantJob(training=TrainConfig(variant="light", epochs=1),
-                     data=DataConfig(data_source=str(parquet), val_size=128, train_size=256),
+                     data=DataConfig(data_source=str(shared_parquet), val_size=128, train_size=256),
                      data_digest=parents, run_key="other-data")
     state = train_variant_flow(job, return_state=True)
     with pytest.raises(DataMismatchError) as info:
@@ -87,8 +87,8 @@ def test_a_child_given_other_data_fails_naming_both_digests_and_sources(
     with get_client(sync_client=True) as client:  # at once: the two retries were dropped
         assert client.read_flow_run(state.state_details.flow_run_id).run_count == 1
     message = str(info.value)
-    assert f"{parquet} (the flow configuration) decodes here to digest {small_data.digest}" \
+    assert f"{shared_parquet} (the flow configuration) decodes here to digest {small_data.digest}" \
         in message
-    assert f"the parent decoded {parquet} to {parents}" in message
+    assert f"the parent decoded {shared_parquet} to {parents}" in message
     # It failed before training: no MLflow run was started.
     assert tracking.search_runs([e.experiment_id for e in tracking.search_experiments()]) == []

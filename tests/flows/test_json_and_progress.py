@@ -67,14 +67,14 @@ def run_cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def outputs(module_state: Path, parquet: Path, competition_sample: Path,
+def outputs(module_state: Path, shared_parquet: Path, competition_sample: Path,
             tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("json")
     ids, images = read_competition_pickle(competition_sample)
     competition = folder / "competition-50.pkl"
     write_competition_pickle(competition, ids[:50], images[:50])
     state = ["--state-dir", str(module_state)]
-    small = ["--data", str(parquet), "--variants", "light"]
+    small = ["--data", str(shared_parquet), "--variants", "light"]
     return {
         "train": run_cli("train", *state, *small, "--epochs", "1", "--train-size", "256",
                          "--val-size", "128", "--batch-size", "64", "--json"),

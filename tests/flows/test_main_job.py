@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 @pytest.mark.slow
 def test_run_smoke_ends_with_a_champion_and_predictions(
-    tmp_path: Path, parquet: Path, competition_sample: Path, capsys: pytest.CaptureFixture,
+    tmp_path: Path, shared_parquet: Path, competition_sample: Path, capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job = tmp_path / "job"  # nothing there yet: the embedded defaults start from scratch
@@ -30,8 +30,8 @@ def test_run_smoke_ends_with_a_champion_and_predictions(
     reads, restricted_loads = [], competition_module.restricted_loads
     monkeypatch.setattr(competition_module, "restricted_loads",
                         lambda data, what: reads.append(what) or restricted_loads(data, what))
-    code = main(["--state-dir", str(job), "run", "--profile", "smoke", "--data", str(parquet),
-                 "--competition-file", str(competition)])
+    code = main(["--state-dir", str(job), "run", "--profile", "smoke",
+                 "--data", str(shared_parquet), "--competition-file", str(competition)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "profile smoke" in out
@@ -108,12 +108,12 @@ def test_models_on_an_empty_registry(isolated_state: Path, capsys: pytest.Captur
 
 
 def test_run_with_a_bad_competition_file_fails_before_any_training(
-    isolated_state: Path, tmp_path: Path, parquet: Path, capsys: pytest.CaptureFixture
+    isolated_state: Path, tmp_path: Path, shared_parquet: Path, capsys: pytest.CaptureFixture
 ) -> None:
     bad = tmp_path / "not-a-pickle.pkl"
     bad.write_bytes(b"ID,Labels\n1,2\n")
     code = main(["--state-dir", str(isolated_state), "run", "--profile", "smoke",
-                 "--data", str(parquet), "--competition-file", str(bad)])
+                 "--data", str(shared_parquet), "--competition-file", str(bad)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
     assert last.startswith("error: ") and "not a valid pickle" in last

@@ -33,14 +33,14 @@ def state_dir(module_state: Path) -> Path:
     return module_state
 
 
-def _config(parquet: Path) -> TrainResnetsConfig:
+def _config(shared_parquet: Path) -> TrainResnetsConfig:
     return TrainResnetsConfig(variants=["deep", "light"], epochs=1, batch_size=64, train_size=256,
-                              val_size=128, data_source=str(parquet), run_key=RUN_KEY)
+                              val_size=128, data_source=str(shared_parquet), run_key=RUN_KEY)
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_harness: None, module_state: Path, parquet: Path) -> dict[str, Any]:
-    state = train(_config(parquet), return_state=True)
+def trained(prefect_harness: None, module_state: Path, shared_parquet: Path) -> dict[str, Any]:
+    state = train(_config(shared_parquet), return_state=True)
     assert state.is_completed(), state
     return {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
@@ -251,13 +251,13 @@ def test_the_run_pages_show_progress_and_the_run_key(trained: dict[str, Any]) ->
                             epochs.description), epochs.description
 
 
-def test_job_state_is_kept_in_object_storage(trained: dict[str, Any], parquet: Path) -> None:
+def test_job_state_is_kept_in_object_storage(trained: dict[str, Any], shared_parquet: Path) -> None:
     """Each job's checkpoint, MLflow run and registered version, under its run key: what
     lets a retried or rerun job resume instead of starting over."""
     from tasks.training import VariantJob
 
     store = open_store(Settings.from_env().object_store)
-    for training in _config(parquet).training_configs():
+    for training in _config(shared_parquet).training_configs():
         job = VariantJob(training=training, run_key=RUN_KEY)
         assert job.prefix.startswith(f"runs/{RUN_KEY}/{training.variant}-seed0-")
         for name in ("checkpoint.pt", "mlflow_run.json", "registered.json"):
@@ -269,10 +269,10 @@ def test_job_state_is_kept_in_object_storage(trained: dict[str, Any], parquet: P
 
 
 def test_rerun_with_the_same_run_key_registers_nothing_new(
-    trained: dict[str, Any], client: mlflow.MlflowClient, parquet: Path
+    trained: dict[str, Any], client: mlflow.MlflowClient, shared_parquet: Path
 ) -> None:
     before = {v: str(mv.version) for v, mv in _versions(client).items()}
-    again = train(_config(parquet))
+    again = train(_config(shared_parquet))
     after = {v: str(mv.version) for v, mv in _versions(client).items()}
     assert after == before
     assert again["versions"] == trained["versions"]

@@ -24,14 +24,12 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.conftest import SHARED_PARQUET as PARQUET
 from tests.conftest import stack_browser_page, stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "datasets"
-PARQUET = SHARED / "cifar10-jpeg" / "train.parquet"
-SAMPLE = SHARED / "competition-sample" / "cifar_test_nolabel_sample.pkl"
 OUTPUT = REPO / "test-output"
 SMALL = {"epochs": 1, "batch_size": 64, "train_size": 256, "val_size": 128,
          "data_source": str(PARQUET)}

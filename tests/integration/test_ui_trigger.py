@@ -18,12 +18,12 @@ from uuid import UUID
 
 import pytest
 
-from tests.conftest import stack_browser_page
+from tests.conftest import SHARED_PARQUET, stack_browser_page
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-PARQUET = (REPO.parent / "shared" / "datasets" / "cifar10-jpeg" / "train.parquet").resolve()
+PARQUET = SHARED_PARQUET.resolve()  # as the UI's form shows it
 OUTPUT = REPO / "test-output"
 CHROMIUM = Path("/usr/bin/chromium")
 # What the form is filled with; the run's parameters must come back as exactly these.

@@ -18,14 +18,7 @@ import numpy as np
 import pytest
 
 from model.data import InvalidInputError, read_competition_pickle, uri, write_competition_pickle
-
-SAMPLE = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "datasets"
-    / "competition-sample"
-    / "cifar_test_nolabel_sample.pkl"
-)
+from tests.conftest import COMPETITION_SAMPLE as SAMPLE
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
