@@ -3,7 +3,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's packages (and `tests`), whatever is installed
     sys.path.insert(0, str(REPO))
 
+from flows.interrupts import stop_processes  # noqa: E402
 from infra.procs import Supervisor, read_env_file  # noqa: E402
 
 # The shared data every test module reads, through the fixtures below.
@@ -231,26 +231,17 @@ def free_port_fixture() -> Callable[[], int]:
     return free_port
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
-    proc.poll()  # reap the leader, or its zombie would keep the group "alive"
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (the one spawn created with
-    start_new_session=True, so only what it started), SIGKILL what is left after 10 s."""
-    if not _group_alive(proc):
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _group_alive(proc) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _group_alive(proc):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """The server and what it started (mlflow server forks uvicorn workers), stopped by
+    the project's one process stopper: SIGTERM, SIGKILL what is left after 10 s."""
+    import psutil
+
+    try:
+        leader = psutil.Process(proc.pid)
+        family = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    stop_processes(family, 10)
     proc.wait()
 
 
