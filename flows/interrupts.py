@@ -223,11 +223,12 @@ def start_prefect_server(state: Path) -> psutil.Popen:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    with file_lock(state / ".prefect-db.lock") if fresh else contextlib.nullcontext():
+    lock = file_lock(state / ".prefect-db.lock") if fresh else contextlib.nullcontext()
+    with lock, open(log, "ab") as errors:
         server = psutil.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "ERROR", "--no-ui"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),  # noqa: SIM115
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
             start_new_session=True, preexec_fn=_die_with(os.getpid()))
         # Registered before Prefect is imported, so it runs after Prefect's own exit hooks.
         atexit.register(stop_processes, [server])
