@@ -78,7 +78,7 @@ def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
     ids, images = read_competition_pickle(path)
     if count * rows > len(ids):
         raise StackError(f"{path} holds {len(ids)} images; {count} scorings of {rows} "
-                        f"distinct images need {count * rows}")
+                         f"distinct images need {count * rows}: pass a smaller --rows")
     parts = [slice(i * rows, (i + 1) * rows) for i in range(count)]
     return [pickle.dumps({b"data": images[p], b"ids": ids[p]}, protocol=4) for p in parts]
 
@@ -126,8 +126,8 @@ def _wait(client, run_ids: Sequence, timeout: float, errors: list[int]) -> dict:
             final.update({r.id: r for r in runs if r.state is not None and r.state.is_final()})
         if len(final) < len(run_ids):
             if time.monotonic() > deadline:
-                raise StackError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did not "
-                                f"finish within {timeout:.0f} s")
+                raise StackError(f"{len(run_ids) - len(final)} of {len(run_ids)} runs did "
+                                 f"not finish within {timeout:.0f} s")
             time.sleep(2)
     return final
 
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         env_file = args.state_dir / "stack" / "env"
         if not env_file.is_file():
             raise StackError(f"{env_file} does not exist: start the stack with "
-                            "`python -m infra.stack up --state-dir DIR` first")
+                             "`python -m infra.stack up --state-dir DIR` first")
         os.environ.update(read_env_file(env_file))
         report = run_load(args.trainings, args.scorings, competition_file=args.competition_file,
                           data_source=args.data_source, rows=args.rows, timeout=args.timeout)

@@ -152,8 +152,8 @@ def print_status(stack: Stack) -> bool:
               f"{'ok' if health else 'down'}{extra}")
         return health and state.get("statename") == "RUNNING"
 
-    ok = all([row(n, SERVICES[n].url(stack), healthy(stack, n))
-                for stage in stack.stages() for n in stage])
+    names = [name for stage in stack.stages() for name in stage]
+    ok = all([row(n, SERVICES[n].url(stack), healthy(stack, n)) for n in names])
     if stack.s3_external is not None:
         health = healthy(stack, "s3")  # the same ListBuckets, on the user's endpoint
         ok = ok and health
@@ -174,9 +174,9 @@ def _undelivered_alerts(stack: Stack) -> str | None:
     """The alerts of the last day that the automations could not post (a webhook that
     failed or never answered), which Prefect records only as events."""
     since = datetime.now(UTC) - timedelta(days=1)
-    found = services.prefect_call(stack, "/events/filter", method="POST", body={"limit": 1,
+    found = services.prefect_call(stack, "/events/filter", method="POST", body={
         "filter": {"event": {"name": ["prefect.automation.action.failed"]},
-                   "occurred": {"since": since.isoformat()}}})
+                   "occurred": {"since": since.isoformat()}}, "limit": 1})
     if not found["total"]:
         return None
     last = found["events"][0]
