@@ -77,7 +77,8 @@ class Settings:
                         raise
             found = client.get_experiment_by_name(EXPERIMENT).artifact_location
             if self._embedded() and found != self.artifact_root \
-                    and found.startswith("file://") and found.endswith("/mlartifacts"):
+                    and found.startswith("file://") and found.endswith("/mlartifacts") \
+                    and (self.state_dir / "mlartifacts").is_dir():  # they came along
                 _relocate(self.state_dir / "mlflow.db", found, self.artifact_root)
             mlflow.set_experiment(EXPERIMENT)
 

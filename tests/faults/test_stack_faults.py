@@ -8,7 +8,7 @@ runs first.
 - 60 flow-run creations and 60 reads from 12 threads while a training runs: no 5xx.
 - Load: smoke-profile trainings and scorings submitted at once all complete, with nothing
   lost or duplicated in the registry or the bucket (infra/loadtest.py; the suite runs a
-  smaller load than the 20 + 50 of the README's figures to stay within its time budget).
+  smaller load than the README's figures (10 + 25, 40 + 100) to stay within its budget).
 - After all that, no credential of the stack is in MLflow (params, tags, artifacts), in the
   bucket, or in Prefect (logs, parameters, pools, deployments).
 """
@@ -35,9 +35,10 @@ from tests.conftest import stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# The README's figures come from `infra/loadtest.py` at 20 + 50; the suite checks the same
-# invariants at a scale that fits its time budget: more runs than the stack's two workers,
-# so that they queue. (Concurrent trainings registering at once: test_cluster_e2e.py.)
+# The README's figures come from `python -m infra.loadtest` at 10 + 25 and 40 + 100; the
+# suite checks the same invariants at a scale that fits its time budget: more runs than
+# the stack's two workers, so that they queue. (Concurrent trainings registering at once:
+# test_cluster_e2e.py.)
 LOAD_TRAININGS = int(os.environ.get("CIFAR_TEST_LOAD_TRAININGS", "1"))
 LOAD_SCORINGS = int(os.environ.get("CIFAR_TEST_LOAD_SCORINGS", "3"))
 
