@@ -211,7 +211,9 @@ def _namespace_with_tmpfs() -> str | None:
      "cannot use the state directory: $D/state: no space left on the disk", 45),
 ], ids=["small", "full", "read-only", "fills-after-the-check"])
 def test_real_small_full_and_read_only_disks(setup: str, said: str, seconds: float,
-                                             tmp_path: Path) -> None:
+                                             env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The command runs with the embedded defaults (`env`): a PREFECT_API_URL left in the
+    environment by another test would give it a server whose database is elsewhere."""
     reason = _namespace_with_tmpfs()
     if reason:
         pytest.skip(reason)
