@@ -39,6 +39,8 @@ WEIGHTS_ARTIFACT = "weights"
 CODE_ARTIFACT = "inference_code"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+# Its "No artifacts found" INFO line would come before the error of `load` that says so.
+logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
 
 
 class RegistryError(UserError, LookupError):
@@ -215,9 +217,6 @@ def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         raise RegistryError(f"{mv.name} version {mv.version} lacks the tag {exc}") from exc
     with tempfile.TemporaryDirectory() as tmp:
         # The logged model's directory: the weights plus a few small MLflow files.
-        where = mlflow.MlflowClient().get_model_version_download_uri(mv.name, mv.version)
-        # Its "No artifacts found" INFO line would come before the error that says so.
-        logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
         try:
             root = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
             path = Path(root) / "artifacts" / "weights.pt"
@@ -225,6 +224,7 @@ def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         except Exception as exc:  # gone, or its store does not answer: say which version
             why = ("weights.pt is missing" if isinstance(exc, FileNotFoundError)
                    else f"{type(exc).__name__}: {exc}")
+            where = mlflow.MlflowClient().get_model_version_download_uri(mv.name, mv.version)
             raise RegistryError(f"{mv.name} version {mv.version}: its files at {where} "
                                 f"cannot be read ({why})") from exc
         network = load_weights(build_model(variant), path, expected_sha256=sha)
