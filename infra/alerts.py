@@ -7,19 +7,15 @@ points that webhook at.
 
 `apply` talks to $PREFECT_API_URL (with $PREFECT_API_AUTH_STRING or $PREFECT_API_KEY when
 set) and posts alerts to $CIFAR_ALERT_WEBHOOK_URL (a Slack incoming webhook, or any URL
-that takes a JSON POST). It saves that URL in the Webhook block `cifar-alerts` and creates
-each automation, or updates the one of the same name, so running it again changes nothing
-but what the file or the URL changed. `stack up` does the same against its own server,
-with the receiver's URL unless CIFAR_ALERT_WEBHOOK_URL is set.
-
-The receiver appends each POST body to its file as one JSON line (a body that is not JSON
-as a JSON string) and answers GET with how many it has received. Standard library only.
+that takes a JSON POST); running it again changes only what the file or the URL changed.
+The receiver (standard library only) appends each POST body to its file as one JSON line,
+a body that is not JSON as a JSON string, and answers GET with how many it has received.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
 import json
 import os
 import sys
@@ -28,9 +24,10 @@ import urllib.error
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from infra.procs import StackError
-from infra.services import prefect_api
+from infra.services import prefect_api, prefect_headers
 
 AUTOMATIONS = Path(__file__).with_name("automations.yaml")
 BLOCK_NAME = "cifar-alerts"  # the Webhook block the automations post through
@@ -39,13 +36,6 @@ MAX_BODY = 1 << 20  # bytes; an alert is a few hundred
 
 # api(path, method=, body=): the decoded answer of the Prefect API (None when empty).
 Api = Callable[..., object]
-
-
-def _detail(error: urllib.error.HTTPError) -> str:
-    try:
-        return error.read().decode(errors="replace")[:1000]
-    except OSError:
-        return ""
 
 
 def ensure_webhook_block(api: Api, url: str) -> str:
@@ -115,16 +105,17 @@ def apply(api: Api, webhook_url: str, where: str) -> list[str]:
         block_id = ensure_webhook_block(api, webhook_url)
         return apply_automations(api, load_automations(block_id))
     except urllib.error.HTTPError as e:
+        detail = ""
+        with contextlib.suppress(OSError):
+            detail = e.read().decode(errors="replace")[:1000]
         raise StackError(f"the Prefect server at {where} refused the alert set-up: HTTP "
-                         f"{e.code} {e.reason} {_detail(e)}") from e
+                         f"{e.code} {e.reason} {detail}") from e
     except OSError as e:
         raise StackError(f"the Prefect server at {where} did not answer ({e})") from e
 
 
 def redacted(url: str) -> str:
     """Scheme and host only: a webhook's path is often its secret (Slack's is)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}/…" if parts.path.strip("/") else url
 
@@ -138,12 +129,8 @@ def _cmd_apply(_args: argparse.Namespace) -> int:
     if not webhook or not webhook.startswith(("http://", "https://")):
         raise StackError(f"{WEBHOOK_ENV} must be the http(s) URL alerts are posted to, "
                          "e.g. a Slack incoming webhook")
-    headers = {}
-    if os.environ.get("PREFECT_API_AUTH_STRING"):
-        token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-    elif os.environ.get("PREFECT_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"
+    headers = prefect_headers(os.environ.get("PREFECT_API_AUTH_STRING"),
+                              os.environ.get("PREFECT_API_KEY"))
     for line in apply(prefect_api(api_url, headers), webhook, api_url):
         print(f"{line}; alerts go to {redacted(webhook)}")
     return 0

@@ -38,6 +38,24 @@ class KindReport:
     run_seconds: list[float] = field(default_factory=list)
     busy_seconds: float = 0.0  # first run's start to last run's end, as the server saw them
 
+    @classmethod
+    def of(cls, kind: str, runs: list) -> KindReport:
+        timed = [r for r in runs if r.start_time and r.end_time]
+        busy = max(r.end_time for r in timed) - min(r.start_time for r in timed) if timed else None
+        return cls(kind, len(runs), completed=sum(r.state.is_completed() for r in runs),
+                   failed=[f"{r.name}: {r.state.type.value} {r.state.message}"
+                           for r in runs if not r.state.is_completed()],
+                   run_seconds=[(r.end_time - r.start_time).total_seconds() for r in timed],
+                   busy_seconds=busy.total_seconds() if busy else 0.0)
+
+    def row(self) -> str:
+        times = sorted(self.run_seconds) or [0.0]
+        p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+        per_minute = 60 * self.completed / self.busy_seconds if self.busy_seconds else 0.0
+        return (f"| {self.kind} | {self.submitted} | {self.completed} | {len(self.failed)} | "
+                f"{self.busy_seconds:.0f} | {per_minute:.1f} | "
+                f"{statistics.median(times):.1f} | {p95:.1f} |")
+
 
 @dataclass
 class LoadReport:
@@ -52,23 +70,16 @@ class LoadReport:
         return not self.problems
 
     def table(self) -> str:
-        head = ("| runs | submitted | completed | failed | busy s | runs/min | "
-                "median run s | p95 run s |")
-        lines = [head, "|---|---|---|---|---|---|---|---|"]
-        for k in self.kinds:
-            times = sorted(k.run_seconds) or [0.0]
-            p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
-            per_minute = 60 * k.completed / k.busy_seconds if k.busy_seconds else 0.0
-            lines.append(
-                f"| {k.kind} | {k.submitted} | {k.completed} | {len(k.failed)} | "
-                f"{k.busy_seconds:.0f} | {per_minute:.1f} | "
-                f"{statistics.median(times):.1f} | {p95:.1f} |")
         total = sum(k.completed for k in self.kinds)
-        lines.append(f"\nall {total} runs in {self.wall_seconds:.0f} s wall "
-                     f"({60 * total / self.wall_seconds:.1f} runs/min), "
-                     f"{self.server_errors} API answer(s) 5xx; load tag {self.tag}")
-        lines.append("checks: " + ("all passed" if self.ok else "; ".join(self.problems)))
-        return "\n".join(lines)
+        return "\n".join([
+            "| runs | submitted | completed | failed | busy s | runs/min | median run s | "
+            "p95 run s |",
+            "|---|---|---|---|---|---|---|---|",
+            *(k.row() for k in self.kinds),
+            f"\nall {total} runs in {self.wall_seconds:.0f} s wall "
+            f"({60 * total / self.wall_seconds:.1f} runs/min), {self.server_errors} API "
+            f"answer(s) 5xx; load tag {self.tag}",
+            "checks: " + ("all passed" if self.ok else "; ".join(self.problems))])
 
 
 def _competition_slices(path: str, count: int, rows: int) -> list[bytes]:
@@ -132,21 +143,6 @@ def _wait(client, run_ids: Sequence, timeout: float, errors: list[int]) -> dict:
     return final
 
 
-def _summarise(kind: str, runs: list) -> KindReport:
-    report = KindReport(kind, len(runs))
-    timed = [r for r in runs if r.start_time and r.end_time]
-    for run in runs:
-        if run.state.is_completed():
-            report.completed += 1
-        else:
-            report.failed.append(f"{run.name}: {run.state.type.value} {run.state.message}")
-    report.run_seconds = [(r.end_time - r.start_time).total_seconds() for r in timed]
-    if timed:
-        report.busy_seconds = (max(r.end_time for r in timed)
-                               - min(r.start_time for r in timed)).total_seconds()
-    return report
-
-
 def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
              data_source: str | None = None, rows: int = 20, timeout: float = 3600,
              tag: str | None = None) -> LoadReport:
@@ -193,8 +189,8 @@ def run_load(trainings: int = 20, scorings: int = 50, *, competition_file: str,
         with get_client(sync_client=True) as client:
             final = _wait(client, train_ids + score_ids, timeout, errors)
     wall = time.monotonic() - started
-    kinds = [_summarise("train-variant (smoke)", [final[i] for i in train_ids]),
-             _summarise("score-competition", [final[i] for i in score_ids])]
+    kinds = [KindReport.of("train-variant (smoke)", [final[i] for i in train_ids]),
+             KindReport.of("score-competition", [final[i] for i in score_ids])]
     problems = [f"{k.kind} {failure}" for k in kinds for failure in k.failed]
     problems += _check_registry(s3, mlflow.MlflowClient(), tag, trainings)
     problems += _check_predictions(s3, tag, scorings, version)
@@ -210,8 +206,7 @@ def _keys(s3, prefix: str) -> list[str]:
 
 
 def _check_registry(s3, mlflow_client, tag: str, trainings: int) -> list[str]:
-    problems = []
-    results = {}
+    problems, results = [], {}
     for i in range(trainings):
         keys = [k for k in _keys(s3, f"objects/runs/{tag}-{i:03d}/")
                 if k.endswith("/registered.json")]

@@ -71,8 +71,7 @@ def os_user() -> str | None:
 
 def _run_as(user: str | None, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     if user:
-        entry = pwd.getpwnam(user)
-        kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        kwargs.update(user=user, group=pwd.getpwnam(user).pw_gid, extra_groups=[])
     return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           **kwargs)
 
@@ -88,14 +87,12 @@ def prepare(stack: Stack, password: str) -> None:
     lock file that another program's pid holds. Run before the server starts."""
     data, bindir, user = data_dir(stack), bin_dir(), os_user()
     version = major_version(bindir)
-    if user:
-        # The server must reach its data directory through every folder above it.
-        blocked = _run_as(user, ["test", "-x", str(stack.root)])
-        if blocked.returncode != 0:
-            raise StackError(f"PostgreSQL runs as the `postgres` user (it refuses root), "
-                             f"which cannot enter {stack.root}: give the folders above it "
-                             "search permission (chmod o+x), or choose a --state-dir "
-                             "outside a private home directory")
+    # The server must reach its data directory through every folder above it.
+    if user and _run_as(user, ["test", "-x", str(stack.root)]).returncode != 0:
+        raise StackError(f"PostgreSQL runs as the `postgres` user (it refuses root), which "
+                         f"cannot enter {stack.root}: give the folders above it search "
+                         "permission (chmod o+x), or choose a --state-dir outside a private "
+                         "home directory")
     marker = data / "PG_VERSION"
     if marker.is_file():
         found = marker.read_text().strip()
@@ -107,13 +104,12 @@ def prepare(stack: Stack, password: str) -> None:
         return
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     if user:
-        entry = pwd.getpwnam(user)
-        os.chown(data, entry.pw_uid, entry.pw_gid)
+        shutil.chown(data, user, pwd.getpwnam(user).pw_gid)
     with tempfile.NamedTemporaryFile("w", prefix="pg-pw-", delete=True) as pwfile:
         pwfile.write(password + "\n")
         pwfile.flush()
         if user:
-            os.chown(pwfile.name, pwd.getpwnam(user).pw_uid, -1)
+            shutil.chown(pwfile.name, user)
         result = _run_as(user, [str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER,
                                 f"--pwfile={pwfile.name}", "--auth=scram-sha-256",
                                 "--encoding=UTF8", "--locale=C", "--no-instructions"],

@@ -40,9 +40,6 @@ class StackError(RuntimeError):
     """Something the user can fix: the message says what and where to look."""
 
 
-# ------------------------------------------------------------------------ locations
-
-
 def stack_dir(state_dir: str | os.PathLike | None = None) -> Path:
     """`<state>/stack`, where state is --state-dir, else $CIFAR_STATE_DIR, else ./.pipeline."""
     state = state_dir or os.environ.get("CIFAR_STATE_DIR") or ".pipeline"
@@ -79,9 +76,6 @@ def log_tail(path: Path, lines: int = 25) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-# ------------------------------------------------------------------------- env file
-
-
 def render_env_file(env: Mapping[str, str]) -> str:
     lines = ["# The local stack's settings: `source` this file to use it. Written by "
              "python -m infra.stack up."]
@@ -90,8 +84,7 @@ def render_env_file(env: Mapping[str, str]) -> str:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """The variables of a file of `export NAME=value` lines, as `render_env_file` writes
-    them (values shell-quoted)."""
+    """The variables of `export NAME=value` lines, as `render_env_file` writes them."""
     env = {}
     for line in path.read_text().splitlines():
         words = shlex.split(line, comments=True)
@@ -102,13 +95,14 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def stack_processes(root: Path) -> list[psutil.Process]:
+def stack_processes(root: Path, program: str | None = None) -> list[psutil.Process]:
     """Every live process of this stack: those whose environment names `root` (programs,
-    what they started, flow runs), but not this process."""
+    what they started, flow runs), but not this process; of `program` alone if given."""
     found = []
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if p.pid != os.getpid() and p.environ().get(STACK_ENV) == str(root):
+            env = p.environ() if p.pid != os.getpid() else {}
+            if env.get(STACK_ENV) == str(root) and program in (None, env.get(PROGRAM_ENV)):
                 found.append(p)
     return found
 
@@ -172,8 +166,6 @@ class Supervisor:
         self.programs_dir = self.home / "programs"
         self.log = root / "logs" / "supervisord.log"
 
-    # ---- the daemon
-
     def _rpc(self):
         from supervisor.xmlrpc import SupervisorTransport
 
@@ -231,8 +223,6 @@ class Supervisor:
         deadline = time.monotonic() + 5
         while self.socket.exists() and self.running() and time.monotonic() < deadline:
             time.sleep(0.1)
-
-    # ---- programs
 
     def programs(self) -> list[str]:
         return sorted(p.stem for p in self.programs_dir.glob("*.conf"))
@@ -307,12 +297,8 @@ class Supervisor:
 
 def exec_fresh(argv: Sequence[str]) -> None:
     """Stop the leftovers of this program's earlier runs, then become `argv`."""
-    name, root = os.environ[PROGRAM_ENV], Path(os.environ[STACK_ENV])
-    stale = []
-    for p in stack_processes(root):
-        with contextlib.suppress(psutil.Error):
-            if p.environ().get(PROGRAM_ENV) == name:
-                stale.append(p)
+    name = os.environ[PROGRAM_ENV]
+    stale = stack_processes(Path(os.environ[STACK_ENV]), name)
     if stale:
         print(f"stopping {len(stale)} process(es) an earlier {name} left", flush=True)
         stop_processes(stale, STOP_TIMEOUT)

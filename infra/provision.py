@@ -19,17 +19,9 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from infra import alerts, procs, workers
+from infra import alerts, procs, services, workers
 from infra.procs import StackError
-from infra.services import (
-    ARTIFACT_BUCKET,
-    OBJECT_BUCKET,
-    REPO,
-    Stack,
-    prefect_call,
-    s3_client,
-    tool_env,
-)
+from infra.services import ARTIFACT_BUCKET, OBJECT_BUCKET, REPO, Stack, prefect_call, tool_env
 
 POOLS = ("gpu", "cpu")
 DEFAULT_CPU_SLOTS = 2  # gpu-pool workers on a machine without GPUs
@@ -40,7 +32,7 @@ WORKER_TIMEOUT = 90.0  # seconds for the workers to report to their pools
 def ensure_buckets(stack: Stack) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = s3_client(stack)
+    client = services.s3_client(stack)
     try:
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         for bucket in (ARTIFACT_BUCKET, OBJECT_BUCKET):
@@ -92,8 +84,7 @@ def read_pool(stack: Stack, pool: str) -> dict | None:
 
 
 def pool_limits(plan: Sequence[workers.Worker]) -> dict[str, int | None]:
-    """Each pool's concurrency limit: the gpu pool's is the runs its workers take at once
-    (one per GPU or CPU slot); the cpu pool's parents only wait, so it has none."""
+    """The gpu pool is capped at the runs its workers take; the cpu pool's parents only wait."""
     return {"gpu": workers.pool_limit([w for w in plan if w.pool == "gpu"]), "cpu": None}
 
 
@@ -150,19 +141,16 @@ def worker_plan(count: int | None, cpu_slots: bool,
     prefect = procs.tool("prefect")
     gpus = [] if cpu_slots else workers.detect_gpus()
     if cpu_slots or not gpus:
-        gpu_pool = workers.plan("gpu", [], cpu_slots=count or DEFAULT_CPU_SLOTS,
-                                prefect=prefect)
+        planned = workers.plan("gpu", [], cpu_slots=count or DEFAULT_CPU_SLOTS, prefect=prefect)
     else:
         if count is not None and count > len(gpus):
             raise StackError(f"--workers {count}, but this machine has {len(gpus)} GPU(s); "
                              "pass --cpu-slots to run workers without a GPU")
-        chosen = gpus[:count] if count else None
-        gpu_pool = workers.plan("gpu", gpus, only=chosen, prefect=prefect)
-    if cpu_pool_workers == 0:
-        return gpu_pool
-    cpu_pool = workers.plan("cpu", [], cpu_slots=cpu_pool_workers,
-                            limit=workers.CPU_POOL_LIMIT, prefect=prefect)
-    return gpu_pool + cpu_pool
+        planned = workers.plan("gpu", gpus, only=gpus[:count] if count else None, prefect=prefect)
+    if cpu_pool_workers:
+        planned += workers.plan("cpu", [], cpu_slots=cpu_pool_workers,
+                                limit=workers.CPU_POOL_LIMIT, prefect=prefect)
+    return planned
 
 
 def _reported_since(worker: Mapping, started_at: float) -> bool:
@@ -176,8 +164,7 @@ def _reported_since(worker: Mapping, started_at: float) -> bool:
 def ensure_workers(stack: Stack, supervisor: procs.Supervisor,
                    plan: Sequence[workers.Worker], timeout: float = WORKER_TIMEOUT) -> None:
     root = stack.root
-    keep = {w.file_name for w in plan}
-    for line in workers.stop_workers(root, keep=keep):
+    for line in workers.stop_workers(root, keep={w.file_name for w in plan}):
         print(f"  {line} (no longer wanted)")
     for line in workers.start_workers(root, plan, tool_env(stack), cwd=str(REPO)):
         print(f"  {line}")

@@ -6,6 +6,7 @@ how each server runs under supervisord and how it is checked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -34,9 +35,6 @@ PREFECT_USER = "admin"
 S3_PORTS = ("s3", "s3-grpc", "s3-master", "s3-master-grpc", "s3-volume", "s3-volume-grpc",
             "s3-filer", "s3-filer-grpc")
 PORTS = ("postgres", *S3_PORTS, "prefect", "mlflow", "alerts")
-
-
-# --------------------------------------------------------------------- configuration
 
 
 @dataclass
@@ -98,16 +96,11 @@ class Stack:
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports nothing listens on now (the sockets stay open until all
     are chosen, so the kernel cannot hand out one twice)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
         for s in sockets:
-            s.close()
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def port_free(port: int) -> bool:
@@ -118,9 +111,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-# --------------------------------------------------------------------------- secrets
 
 
 def secrets_for(stack: Stack) -> dict[str, str]:
@@ -146,23 +136,6 @@ def s3_env(stack: Stack) -> dict[str, str]:
     secret = secrets_for(stack)
     return {**S3_ENV, "AWS_ACCESS_KEY_ID": secret["s3_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": secret["s3_secret_access_key"]}
-
-
-def mlflow_auth_config(stack: Stack, secret: Mapping[str, str]) -> Path:
-    path = stack.root / "mlflow-auth.ini"
-    write_text(path, "\n".join([
-        "[mlflow]",
-        "default_permission = READ",
-        f"database_uri = {sqlite_uri(stack.root / 'mlflow-auth.db')}",
-        f"admin_username = {MLFLOW_USER}",
-        f"admin_password = {secret['mlflow_admin_password']}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-        "",
-    ]), mode=0o600)
-    return path
-
-
-# ------------------------------------------------------------------------ environment
 
 
 def client_env(stack: Stack) -> dict[str, str]:
@@ -210,9 +183,6 @@ def tool_env(stack: Stack) -> dict[str, str]:
     env.update(client_env(stack))
     env["CIFAR10_CACHE_DIR"] = str(stack.state_dir / "cache")
     return env
-
-
-# ---------------------------------------------------------------------- the programs
 
 
 def _s3_program(stack: Stack) -> Program:
@@ -295,7 +265,17 @@ def _mlflow_program(stack: Stack) -> Program:
             "--backend-store-uri", postgres.url(stack, "mlflow", "postgresql"),
             "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/artifacts"]
     if stack.auth:
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(mlflow_auth_config(stack, secret))
+        auth_config = stack.root / "mlflow-auth.ini"
+        write_text(auth_config, "\n".join([
+            "[mlflow]",
+            "default_permission = READ",
+            f"database_uri = {sqlite_uri(stack.root / 'mlflow-auth.db')}",
+            f"admin_username = {MLFLOW_USER}",
+            f"admin_password = {secret['mlflow_admin_password']}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            "",
+        ]), mode=0o600)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret["mlflow_flask_secret_key"]
         argv += ["--app-name", "basic-auth"]
     return Program("mlflow", argv, env, str(stack.root), fresh=True)
@@ -332,16 +312,17 @@ def prefect_api(api_url: str, headers: Mapping[str, str]) -> Callable[..., objec
     return call
 
 
+def prefect_headers(auth_string: str | None, api_key: str | None = None) -> dict[str, str]:
+    """The Authorization a Prefect client sends: Basic with an auth string, else Bearer."""
+    if auth_string:
+        return {"Authorization": f"Basic {base64.b64encode(auth_string.encode()).decode()}"}
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def prefect_call(stack: Stack, path: str, **kwargs):
     """The stack's Prefect API, with its credentials: see prefect_api."""
-    return prefect_api(stack.prefect_api, prefect_headers(stack))(path, **kwargs)
-
-
-def prefect_headers(stack: Stack) -> dict[str, str]:
-    if not stack.auth:
-        return {}
-    token = base64.b64encode(secrets_for(stack)["prefect_api_auth_string"].encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    auth = secrets_for(stack)["prefect_api_auth_string"] if stack.auth else None
+    return prefect_api(stack.prefect_api, prefect_headers(auth))(path, **kwargs)
 
 
 def s3_client(stack: Stack):
@@ -377,7 +358,7 @@ SERVICES = {s.name: s for s in [
     Service("s3", lambda st: st.s3_endpoint, _s3_program,
             lambda st: s3_client(st).list_buckets()),
     Service("prefect", lambda st: st.prefect_url, _prefect_program,
-            lambda st: fetch(f"{st.prefect_api}/health", prefect_headers(st))),
+            lambda st: prefect_call(st, "/health", timeout=5)),
     # /health answers without credentials even with basic-auth.
     Service("mlflow", lambda st: st.mlflow_url, _mlflow_program,
             lambda st: fetch(f"{st.mlflow_url}/health")),

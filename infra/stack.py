@@ -17,20 +17,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from infra import postgres, provision, services, workers
-from infra.procs import (
-    START_SECONDS,
-    STOP_TIMEOUT,
-    StackError,
-    Supervisor,
-    log_path,
-    log_tail,
-    render_env_file,
-    stack_dir,
-    stack_processes,
-    stop_processes,
-    write_text,
-)
+from infra import postgres, procs, provision, services, workers
+from infra.procs import StackError, Supervisor, stack_dir
 from infra.services import SERVICES, Stack, client_env, free_ports, healthy
 from tasks.settings import file_lock
 
@@ -40,8 +28,7 @@ UP_TIMEOUT = 1800.0  # seconds to wait for another `up` or `down` on the same st
 def configure(root: Path, auth: bool | None) -> Stack:
     """The stack of stack.json, or a new one with free ports; settings that cannot change
     under running services (S3 endpoint, auth) are checked here."""
-    env = os.environ
-    external = env.get("CIFAR_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or None
+    external = os.environ.get("CIFAR_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
     # Auth is on unless asked off, and kept once chosen.
     stack = Stack.load(root) or Stack(root, {}, external, auth is not False)
     missing = [name for name in services.PORTS if name not in stack.ports]
@@ -67,10 +54,6 @@ def configure(root: Path, auth: bool | None) -> Stack:
     return stack
 
 
-def _ports_of(name: str) -> list[str]:
-    return list(services.S3_PORTS) if name == "s3" else [name]
-
-
 def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> None:
     """Each stage's services running and answering, then what the next stage needs."""
     password = services.secrets_for(stack)["postgres_password"]
@@ -80,7 +63,7 @@ def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> Non
         for name in stage:
             if name == "postgres":
                 postgres.prepare(stack, password)
-            for port in (stack.ports[p] for p in _ports_of(name)):
+            for port in (stack.ports[p] for p in (services.S3_PORTS if name == "s3" else [name])):
                 if name not in running and not services.port_free(port):
                     raise StackError(f"port {port} for {name} is taken by a process this "
                                      f"stack did not start; stop it, or delete "
@@ -99,14 +82,14 @@ def _wait_healthy(stack: Stack, supervisor: Supervisor, name: str, deadline: flo
     while not healthy(stack, name):
         state = supervisor.info().get(name, {})
         if state.get("statename") == "FATAL" or time.monotonic() > deadline:
-            log = log_path(stack.root, name)
+            log = procs.log_path(stack.root, name)
             why = ("kept exiting" if state.get("statename") == "FATAL"
                    else "did not answer in time")
             raise StackError(f"{name} {why} ({state.get('description', 'no state')}); its "
-                             f"log, {log}, ends:\n{log_tail(log)}")
+                             f"log, {log}, ends:\n{procs.log_tail(log)}")
         time.sleep(0.5)
     # And past supervisord's start-up window, so that `status` says RUNNING at once.
-    supervisor.wait_running(name, START_SECONDS + 5)
+    supervisor.wait_running(name, procs.START_SECONDS + 5)
     print(f"  {name:<8} answering ({time.monotonic() - began:.1f} s)")
 
 
@@ -126,7 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor = Supervisor(root)
         supervisor.start()
         ensure_services(stack, supervisor, args.timeout)
-        write_text(root / "env", render_env_file(client_env(stack)), mode=0o600)
+        procs.write_text(root / "env", procs.render_env_file(client_env(stack)), mode=0o600)
         provision.ensure_pools(stack, provision.pool_limits(plan))
         if not args.no_deploy:
             provision.deploy(stack)
@@ -206,9 +189,9 @@ def cmd_down(args: argparse.Namespace) -> int:
                             + [n for n in names if n not in order])
             supervisor.shutdown()
             print(f"stopped {len(names)} program(s) and supervisord")
-        leftovers = stack_processes(root)
+        leftovers = procs.stack_processes(root)
         if leftovers:
-            killed = stop_processes(leftovers, STOP_TIMEOUT)
+            killed = procs.stop_processes(leftovers, procs.STOP_TIMEOUT)
             print(f"stopped {len(leftovers)} more process(es) of this stack ({killed} killed)")
     print(f"stopped; data kept under {root}")
     return 0

@@ -88,10 +88,7 @@ class Worker:
 def plan(pool: str, gpus: Sequence[int], *, cpu_slots: int | None = None,
          only: Iterable[int] | None = None, share_gpu: bool = False, limit: int = 1,
          host: str | None = None, prefect: str = "prefect") -> list[Worker]:
-    """The workers to run: one per GPU (or per GPU of `only`), or `cpu_slots` without one.
-
-    Raises StackError when there is nothing to run or when `limit` > 1 would let two
-    runs share a GPU without `share_gpu`."""
+    """The workers to run: one per GPU (or per GPU of `only`), or `cpu_slots` without one."""
     host = host or host_name()
     if limit < 1:
         raise StackError(f"--limit must be at least 1, got {limit}")
@@ -106,11 +103,10 @@ def plan(pool: str, gpus: Sequence[int], *, cpu_slots: int | None = None,
     if limit > 1 and not share_gpu:
         raise StackError(f"--limit {limit} would run {limit} flow runs on one GPU; "
                          "pass --share-gpu if that is what you want")
-    indices = list(gpus)
-    chosen = list(indices) if only is None else list(only)
-    unknown = [i for i in chosen if i not in indices]
+    chosen = list(gpus if only is None else only)
+    unknown = [i for i in chosen if i not in gpus]
     if unknown:
-        raise StackError(f"GPU(s) {unknown} not found; `nvidia-smi -L` lists {indices}")
+        raise StackError(f"GPU(s) {unknown} not found; `nvidia-smi -L` lists {list(gpus)}")
     if not chosen:
         raise StackError("no GPU chosen; name at least one in --gpus")
     return _workers(pool, [(f"{host}-gpu{i}", i) for i in dict.fromkeys(chosen)], limit,
@@ -127,8 +123,7 @@ def _workers(pool: str, slots: list[tuple[str, int | None]], limit: int,
 
 def pool_limit(workers: Sequence[Worker]) -> int:
     """Flow runs a pool may run at once: one per GPU (or CPU slot) its workers serve, or
-    more where --share-gpu lets a worker take several. With the pool capped there, extra
-    runs wait in Prefect, Scheduled, instead of on a worker or as Pending pods."""
+    more where --share-gpu lets a worker take several."""
     return sum(w.limit for w in workers)
 
 
@@ -207,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
             for line in start_workers(root, workers, env) or ["all already running"]:
                 print(line)
             print(f"logs: {root / 'logs'}")
-            # Other machines may serve the pool too, so the pool's limit is left to the user.
             print(f"{pool_limit(workers)} run(s) at once here; cap the pool at the sum over all "
                   f"its machines: prefect work-pool set-concurrency-limit {args.pool} <sum>")
             return 0
