@@ -204,6 +204,9 @@ class TrainConfig:
         "on CUDA. A failing compile falls back to eager")
     compile_mode: CompileMode = option("default", "torch.compile mode; reduce-overhead adds "
                                        "CUDA graphs")
+    cuda_graph: bool = option(
+        False, "paper on CUDA: replay the whole step (batch gather, augmentation, forward, "
+        "backward, Adam) as one CUDA graph; a failed capture falls back to the plain step")
     workers: int = option(lambda: min(16, os.cpu_count() or 1),
                           "DataLoader worker processes (reference recipe)", ge=0, le=256)
     checkpoint_seconds: float = option(
@@ -223,6 +226,10 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
         if self.warmup_epochs is None:
             object.__setattr__(self, "warmup_epochs", round(WARMUP_FRACTION * self.epochs, 3))
+        if self.cuda_graph and (self.recipe != "paper"
+                                or self.compile_mode in ("reduce-overhead", "max-autotune")):
+            raise ConfigError("cuda_graph: only for the paper recipe, with compile_mode "
+                              "default or max-autotune-no-cudagraphs (the step is one graph)")
 
     # Fields that change speed, not the meaning of a checkpoint.
     SPEED_ONLY = ("device", "workers", "compile", "compile_mode", "checkpoint_seconds")

@@ -44,18 +44,26 @@ class DeviceLoader:
         self.drop_last = n >= batch_size
         self.steps_per_epoch = n // batch_size if self.drop_last else 1
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def order(self, epoch: int) -> tuple[torch.Generator, list[torch.Tensor]]:
+        """The epoch's generator, and its batches' indices drawn from it."""
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, epoch))
         n = self.images.shape[0]
         order = torch.randperm(n, device=self.device, generator=gen)
         stop = self.steps_per_epoch * self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = self.augmenter(self.images[idx], generator=gen)  # (B, 3, 32, 32) uint8
-            x = augment.normalize(x)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+        return gen, [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images at `idx`, augmented (drawing from `generator`) and normalized."""
+        x = augment.normalize(self.augmenter(self.images[idx], generator=generator))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[idx]  # (B, 3, 32, 32) float, (B,)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen, batches = self.order(epoch)
+        for idx in batches:
+            yield self.batch(idx, gen)
 
     def close(self) -> None:
         pass

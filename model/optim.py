@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from model.config import TrainConfig
+from model.loaders import epoch_seed
 from model.predict import synchronize
 
 log = logging.getLogger("model.train")
@@ -44,7 +45,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
     groups = parameter_groups(model, config)
     if config.recipe in ("reference", "paper"):
         optimizer = torch.optim.Adam(groups, lr=config.lr,
-                                     fused=on_cuda and config.recipe == "paper")
+                                     fused=on_cuda and config.recipe == "paper",
+                                     capturable=on_cuda and config.cuda_graph)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
         return optimizer, scheduler, False
@@ -150,6 +152,89 @@ def compile_step(model: nn.Module, warm_up: Callable[[nn.Module, int], None],
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
     return compiled, time.perf_counter() - started, fell_back
+
+
+class GraphedStep:
+    """`paper`'s whole step as one CUDA graph (`cuda_graph`): the batch gathered from the
+    resident split by index, augmented, the forward and backward passes and Adam's update,
+    one launch per batch instead of hundreds.
+
+    What the graph touches stays where it was captured: each batch's indices are copied into
+    `index`, each parameter group's learning rate is a tensor of its own (refilled from a
+    scheduler that replaced it), and Adam runs `capturable`. Augmentation in the graph draws
+    from the default CUDA generator, which graphs replay safely, seeded from (seed, epoch):
+    a resumed run sees the batches an uninterrupted one would have. The warm-up and the
+    capture leave the weights, the batch-norm statistics and Adam's state as they were.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer, loader, bf16: bool):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.loader, self.bf16 = loader, bf16
+        self.index = torch.zeros(loader.batch_size, dtype=torch.long, device=loader.device)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=loader.device)
+        self.lrs = [group["lr"] for group in optimizer.param_groups]
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        moments = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        try:
+            side = torch.cuda.Stream()  # warm-up steps, as capture requires, on a side stream
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(COMPILE_WARMUP_STEPS):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss, self.hits = self._step()
+        finally:
+            model.load_state_dict(weights)
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
+                    if p in moments:
+                        v.copy_(moments[p][k])
+                    else:  # a fresh Adam: its state starts at zero
+                        v.zero_()
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.batch(self.index)  # the default generator: see the class
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16,
+                            cache_enabled=False):  # autocast's cache cannot live in a graph
+            out = self.model(x)
+            loss = self.criterion(out, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach().float(), (out.detach().argmax(1) == y).sum()
+
+    def steps(self, epoch: int, batches: Iterable[torch.Tensor]):
+        """Replay the graph for each batch of indices: (loss, correct, images) after each."""
+        for group, lr in zip(self.optimizer.param_groups, self.lrs, strict=True):
+            if group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+        # Not the epoch's own seed, which draws its order: the two streams stay apart.
+        torch.cuda.manual_seed(epoch_seed(self.loader.seed, epoch) + 1)
+        for idx in batches:
+            self.index.copy_(idx)
+            self.graph.replay()
+            yield self.loss, self.hits, idx.shape[0]
+
+
+def graph_step(model: nn.Module, criterion: nn.Module, optimizer, loader,
+               bf16: bool) -> tuple[GraphedStep | None, float]:
+    """(the graphed step, seconds spent capturing it); None when capture failed, which
+    logs a warning: training then runs the plain step."""
+    started = time.perf_counter()
+    try:
+        graphed = GraphedStep(model, criterion, optimizer, loader, bf16)
+        torch.cuda.synchronize()
+    except Exception as exc:  # the plain step still trains
+        log.warning("capturing the step as a CUDA graph failed, training without: %s: %s",
+                    type(exc).__name__, exc)
+        graphed = None
+        torch.cuda.empty_cache()
+    return graphed, time.perf_counter() - started
 
 
 def compile_counts() -> tuple[int, int]:

@@ -35,7 +35,14 @@ from model.config import TrainConfig
 from model.data import Dataset
 from model.loaders import make_loader
 from model.nets import build_model, count_parameters
-from model.optim import WeightEMA, compile_counts, compile_step, make_optimizer
+from model.optim import (
+    GraphedStep,
+    WeightEMA,
+    compile_counts,
+    compile_step,
+    graph_step,
+    make_optimizer,
+)
 from model.predict import evaluate, logits, resolve_device, synchronize, to_device_images
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ class _Step:
     compiled: bool
     should_stop: Callable[[], bool]
     update: bool = True  # False: the compile warm-up, which leaves the weights untouched
+    graphed: GraphedStep | None = None  # the whole step as a CUDA graph (cuda_graph)
 
 
 def fit(
@@ -154,6 +162,12 @@ def fit(
                                                               config.compile_mode)
         step.compiled = step.model is not model
         counts = (compile_counts()[0], counts[1])  # frames compiled later are recompiles
+    if config.cuda_graph and start_epoch < epochs:
+        if device.type == "cuda":
+            step.graphed, seconds = graph_step(step.model, criterion, optimizer, loader, bf16)
+            compile_seconds, fell_back = compile_seconds + seconds, step.graphed is None
+        else:
+            log.warning("cuda_graph needs a CUDA device: training on %s without it", device)
     # What is validated, scored and returned: the averaged weights when there are some.
     # Evaluation runs eager: a few forward passes per epoch, not worth a second compiled
     # graph (eval-mode batch norm, other batch sizes) and its compile time.
@@ -169,7 +183,7 @@ def fit(
             started = time.perf_counter()
             train_loss, train_acc, seen = _train_epoch(step, loader, epoch, config, device)
             train_seconds = time.perf_counter() - started  # _train_epoch synchronized
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])
             val_loss, val_acc = evaluate(eval_model, val_images, val_labels, **eval_kwargs)
             val_loss, val_acc = float(val_loss), float(val_acc)
             eval_seconds = time.perf_counter() - started - train_seconds
@@ -224,6 +238,8 @@ def fit(
         frames, skips = compile_counts()
         final.update(recompiles=float(frames - counts[0]),
                      cudagraph_skips=float(skips - counts[1]))
+    if config.cuda_graph:
+        final["cuda_graph"] = float(step.graphed is not None)
     final.update(compile_seconds=compile_seconds, compiled=float(step.compiled),
                  compile_fallback=float(fell_back),
                  checkpoint_seconds=writer.lost_seconds if writer is not None else 0.0,
@@ -257,14 +273,40 @@ def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torc
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, last_report = 0, time.perf_counter()
-    for i, (x, y) in enumerate(batches or loader.epoch(epoch)):  # x: (B, 3, 32, 32), y: (B,)
+    if s.graphed is not None:
+        steps = s.graphed.steps(epoch, _until_stopped(s, epoch, loader.order(epoch)[1]))
+    else:
+        steps = _eager_steps(s, _until_stopped(s, epoch, batches or loader.epoch(epoch)))
+    for i, (loss, hits, images) in enumerate(steps):
+        # Accumulated on the device: no host sync inside the step loop.
+        loss_sum += loss * images
+        correct += hits
+        seen += images
+        if time.perf_counter() - last_report > PROGRESS_SECONDS:
+            # Slow epochs (a CPU, the reference pipeline) say where they are; fast ones stay
+            # quiet. Reads only host-side counters: no device sync.
+            last_report = time.perf_counter()
+            log.info("epoch %d/%d: batch %d/%d", epoch + 1, config.epochs, i + 1,
+                     loader.steps_per_epoch)
+    synchronize(device)  # the epoch's training time ends when its kernels do
+    return float(loss_sum) / seen, float(correct) / seen, seen
+
+
+def _until_stopped(s: _Step, epoch: int, batches):
+    for i, batch in enumerate(batches):
         if s.should_stop():  # host-side: costs no device sync
             raise TrainingStopped(f"stopped in epoch {epoch + 1}, before batch {i + 1}")
+        yield batch
+
+
+def _eager_steps(s: _Step, batches):
+    """Each batch's step: (loss, correct, images) after it."""
+    for x, y in batches:  # x: (B, 3, 32, 32), y: (B,)
         if s.compiled:
             # A new step for CUDA graphs (reduce-overhead): the last step's outputs,
-            # already consumed below, may be overwritten. Host-side only.
+            # already consumed by the caller, may be overwritten. Host-side only.
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=s.bf16):
             out = s.model(x)
             loss = s.criterion(out, y)
         s.optimizer.zero_grad(set_to_none=True)
@@ -275,18 +317,7 @@ def _train_epoch(s: _Step, loader, epoch: int, config: TrainConfig, device: torc
                 s.scheduler.step()
             if s.ema is not None:
                 s.ema.update()
-        # Accumulated on the device: no host sync inside the step loop.
-        loss_sum += loss.detach().float() * y.shape[0]
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += y.shape[0]
-        if time.perf_counter() - last_report > PROGRESS_SECONDS:
-            # Slow epochs (a CPU, the reference pipeline) say where they are; fast ones stay
-            # quiet. Reads only host-side counters: no device sync.
-            last_report = time.perf_counter()
-            log.info("epoch %d/%d: batch %d/%d", epoch + 1, config.epochs, i + 1,
-                     loader.steps_per_epoch)
-    synchronize(device)  # the epoch's training time ends when its kernels do
-    return float(loss_sum) / seen, float(correct) / seen, seen
+        yield loss.detach().float(), (out.detach().argmax(1) == y).sum(), y.shape[0]
 
 
 def _final_metrics(config, model, data, device, history, eval_kwargs, val_images, val_labels):

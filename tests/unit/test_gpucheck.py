@@ -98,7 +98,7 @@ def test_the_summary_says_when_a_ratio_was_measured_with_the_compile_fallback(tm
     (t1,) = [t for t in report.payload["targets"] if t["target"] == 1]
     assert t1["fallback"] == ["paper/deep"]
     summary = gpucheck.format_summary(report.payload)
-    assert "measured with the compile fallback: paper/deep ran eager" in summary
+    assert "measured with a fallback: paper/deep ran the plain step" in summary
     env = report.payload["env"]
     assert {"torch", "cuda", "cudnn", "triton"} <= set(env) and env["torch"] == torch.__version__
 
@@ -136,7 +136,8 @@ def check(tmp_path, *args):
 
 SPEED_ROWS = ["paper/light", "reference/light"]
 LIGHT_ROWS = ["predict", *SPEED_ROWS, "fast/light", "fast/light eager",
-              "fast/light eager b1024", "fast/light b1024", "paper/light reduce-overhead"]
+              "fast/light eager b1024", "fast/light b1024", "paper/light reduce-overhead",
+              "paper/light whole-step graph"]
 
 
 def test_each_row_is_in_the_file_before_the_next_begins_and_a_failure_keeps_the_rest(
@@ -191,8 +192,8 @@ def test_a_pair_is_skipped_whole_when_both_would_not_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(gpucheck, "PRIOR_EPOCH_SECONDS", {
         **gpucheck.PRIOR_EPOCH_SECONDS, ("reference", "light"): 1e9})
     _, result = check(tmp_path, "--variants", "light", "--budget-seconds", "120")
-    ran = {(c.recipe, c.compile_mode) for c in calls}
-    assert ("paper", "default") not in ran and ("fast", "default") in ran
+    ran = {(c.recipe, c.compile_mode, c.cuda_graph) for c in calls}
+    assert ("paper", "default", False) not in ran and ("fast", "default", False) in ran
     assert result["skipped"][0]["row"] == "paper/light"
     assert "with reference/light" in result["skipped"][0]["why"]
 
@@ -281,7 +282,7 @@ def test_the_smoke_check_writes_every_field_of_the_file(tmp_path, narrow_nets):
         assert set(r["time_to_accuracy"]) == {"0.896", "0.930"}
         assert 0 <= r["val_acc"] <= 1 and r["wall_seconds"] >= r["train_seconds"]
     assert train[2]["val_acc_tta"] is not None and train[0]["val_acc_tta"] is None
-    assert [r["batch_size"] for r in train][-3:] == [1024, 1024, measure.SMOKE_BATCH]
+    assert [r["batch_size"] for r in train][-4:] == [1024, 1024] + [measure.SMOKE_BATCH] * 2
     predicted = [r for r in result["rows"] if r["kind"] == "predict"]
     assert {r["tta"] for r in predicted} == {False, True}
     assert {t["target"] for t in result["targets"]} == LIGHT_TARGETS
@@ -331,7 +332,8 @@ def test_the_default_plan_runs_the_speed_pairs_before_the_accuracy_rows(monkeypa
     assert [s.name for s in steps[7:]] == [
         "fast/light eager", "fast/deep eager", "fast/light eager b1024",
         "fast/deep eager b1024", "fast/light b1024", "fast/deep b1024",
-        "paper/light reduce-overhead", "paper/deep reduce-overhead"]
+        "paper/light reduce-overhead", "paper/deep reduce-overhead",
+        "paper/light whole-step graph", "paper/deep whole-step graph"]
     assert steps[1].pair is steps[2] and steps[3].pair is steps[4]
     for step in steps[1:]:
         step.run()
@@ -341,7 +343,8 @@ def test_the_default_plan_runs_the_speed_pairs_before_the_accuracy_rows(monkeypa
         ("fast", "light", 24, 512), ("fast", "deep", 24, 512)]
     assert [(c.compile, c.batch_size) for c in calls[6:8]] == [(False, 512)] * 2
     assert [(c.compile, c.batch_size) for c in calls[10:12]] == [(None, 1024)] * 2
-    assert [(c.recipe, c.compile_mode) for c in calls[12:]] == [("paper", "reduce-overhead")] * 2
+    assert [(c.recipe, c.compile_mode, c.cuda_graph) for c in calls[12:]] == [
+        ("paper", "reduce-overhead", False)] * 2 + [("paper", "default", True)] * 2
     args = bench.parse_args(["--check"])
     gpucheck.plan(args, None, torch.device("cpu"), [])[5].run()
     assert calls[-1].epochs == gpucheck.FAST_EPOCHS["light"]

@@ -15,7 +15,7 @@ from model.config import TrainConfig
 from model.measure import train_row
 from model.nets import ModifiedResNet
 from model.optim import COMPILE_WARMUP_STEPS
-from model.train import BUDGET_PROBE_EPOCHS, fit
+from model.train import BUDGET_PROBE_EPOCHS, TrainingStopped, fit
 
 
 def cpu_config(**kw) -> TrainConfig:
@@ -177,3 +177,85 @@ def test_a_minute_budget_ends_the_whole_run_within_ten_percent_of_it():
     # exactly: on a busy machine the last choice can come during the last epoch), where
     # the 40 epochs asked for would have left it near half its peak.
     assert result.history[-1]["lr"] < 0.05 * max(h["lr"] for h in result.history)
+
+
+def test_the_whole_step_graph_is_a_paper_option_and_enters_the_hash_only_when_set():
+    from model.config import ConfigError
+
+    plain = TrainConfig(recipe="paper", epochs=2)
+    assert TrainConfig(recipe="paper", epochs=2, cuda_graph=False).hash() == plain.hash()
+    assert TrainConfig(recipe="paper", epochs=2, cuda_graph=True).hash() != plain.hash()
+    for bad in [dict(recipe="fast"), dict(recipe="reference"),
+                dict(recipe="paper", compile_mode="reduce-overhead"),
+                dict(recipe="paper", compile_mode="max-autotune")]:
+        with pytest.raises(ConfigError, match="cuda_graph: only for the paper recipe"):
+            TrainConfig(**bad, cuda_graph=True)
+    TrainConfig(recipe="paper", compile_mode="max-autotune-no-cudagraphs", cuda_graph=True)
+
+
+def test_on_a_cpu_the_whole_step_graph_trains_the_plain_step_and_says_so(tiny, caplog):
+    config = cpu_config(recipe="paper", epochs=1)
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        graphed = fit(config.replace(cuda_graph=True), tiny)
+    assert "cuda_graph needs a CUDA device: training on cpu without it" in caplog.text
+    assert graphed.metrics["cuda_graph"] == 0.0
+    plain = fit(config, tiny)
+    assert "cuda_graph" not in plain.metrics
+    a, b = plain.model.state_dict(), graphed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_capturing_the_whole_step_leaves_the_weights_and_adams_state_as_they_were():
+    from model.loaders import make_loader
+    from model.measure import synthetic_dataset
+
+    data = synthetic_dataset(512, 64)
+    config = TrainConfig(recipe="paper", device="cuda", batch_size=64, epochs=1, cuda_graph=True)
+    model = small_net().cuda().to(memory_format=torch.channels_last)
+    loader = make_loader(config, data.train, torch.device("cuda"))
+    optimizer, _, _ = optim.make_optimizer(config, model, loader.steps_per_epoch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graphed = optim.GraphedStep(model, nn.CrossEntropyLoss(), optimizer, loader, bf16=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not v.any() for state in optimizer.state.values() for v in state.values())
+    first = next(model.parameters())
+    untrained = first.detach().clone()
+    batches = list(graphed.steps(0, loader.order(0)[1]))
+    assert len(batches) == 512 // 64 and all(n == 64 for _, _, n in batches)
+    assert not torch.equal(first, untrained)  # the replays trained it
+
+
+@pytest.mark.gpu
+@pytest.mark.full_net
+@needs_cuda
+@pytest.mark.parametrize("compile_", [False, True])
+def test_on_cuda_the_whole_step_graph_trains_like_the_plain_step_and_resumes(
+        compile_, tmp_path, monkeypatch):
+    from model.measure import synthetic_dataset
+
+    monkeypatch.undo()  # the report's network
+    data = synthetic_dataset(2048, 512)
+    config = TrainConfig(recipe="paper", variant="light", device="cuda", batch_size=256,
+                         epochs=3, compile=compile_, checkpoint_seconds=0)
+    plain = fit(config, data)
+    graphed = fit(config.replace(cuda_graph=True), data)
+    assert (graphed.metrics["cuda_graph"], graphed.metrics["compile_fallback"]) == (1.0, 0.0)
+    # Other augmentation draws and bf16 rounding; the runs must still learn the same thing.
+    for hp, hg in zip(plain.history, graphed.history, strict=True):
+        assert hg["train/loss"] == pytest.approx(hp["train/loss"], rel=0.1, abs=0.05)
+    assert abs(graphed.metrics["val/acc"] - plain.metrics["val/acc"]) <= 0.05
+    # Stopped after its first epoch, a graphed run resumes from its checkpoint and captures
+    # the step again.
+    epochs_done = []
+    with pytest.raises(TrainingStopped):
+        fit(config.replace(cuda_graph=True), data, on_epoch_end=epochs_done.append,
+            checkpoint_dir=tmp_path, should_stop=lambda: bool(epochs_done))
+    resumed = fit(config.replace(cuda_graph=True), data, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_epoch == 0 and resumed.metrics["cuda_graph"] == 1.0
+    assert len(resumed.history) == 3
