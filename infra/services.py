@@ -259,6 +259,8 @@ def _mlflow_program(stack: Stack) -> Program:
     )
     if stack.s3_external is None:
         env.update(s3_env(stack))
+    # MLflow's own setting: its default of 4 workers, but not more than the cores here.
+    env.setdefault("MLFLOW_WORKERS", str(min(4, os.cpu_count() or 1)))
     port = stack.ports["mlflow"]
     argv = [tool("mlflow"), "server", "--host", HOST, "--port", str(port),
             "--allowed-hosts", f"{HOST},{HOST}:{port},localhost,localhost:{port}",

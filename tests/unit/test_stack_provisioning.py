@@ -320,3 +320,14 @@ def test_a_port_taken_by_another_program_fails_up_before_starting_anything(tmp_p
                             "postgres": taken.getsockname()[1]}
         with pytest.raises(StackError, match=r"port \d+ for postgres is taken .* delete"):
             stack.ensure_services(configured, NoSupervisor(), timeout=5)
+
+
+def test_mlflow_runs_no_more_workers_than_cores_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(services, "tool", lambda name: name)
+    monkeypatch.delenv("MLFLOW_WORKERS", raising=False)
+    config = services.Stack(tmp_path, {name: 1 for name in services.PORTS}, None, auth=False)
+    for cores, workers_ in [(2, "2"), (64, "4"), (None, "1")]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert services._mlflow_program(config).env["MLFLOW_WORKERS"] == workers_
+    monkeypatch.setenv("MLFLOW_WORKERS", "8")  # mlflow server's own setting wins
+    assert services._mlflow_program(config).env["MLFLOW_WORKERS"] == "8"
