@@ -16,7 +16,6 @@ from model.config import ConfigError
 from model.errors import UserError
 from tasks.settings import CHAMPION_URI
 
-DEFAULT_COMPETITION_NAME = "validation-as-competition.pkl"
 FLOW_COMMANDS = {"run", "train", "score"}  # they run Prefect flows in this process
 STATE_DIR_HELP = ("home of the embedded defaults: MLflow database and artifacts, object "
                   "store, Prefect database (default $CIFAR_STATE_DIR, else ./.pipeline)")

@@ -70,12 +70,6 @@ TRAINING_FIELDS = tuple(TrainingOptions.model_fields)
 DATA_FIELDS = tuple(DataOptions.model_fields)
 
 
-def training_config(form: BaseModel, **per_job: Any) -> TrainConfig:
-    """The model config of one job: the form's training options plus `per_job` fields."""
-    return TrainConfig(**form.model_dump(include=set(TRAINING_FIELDS), exclude_none=True),
-                       **per_job)
-
-
 def data_config(form: BaseModel) -> DataConfig:
     return DataConfig(**form.model_dump(include=set(DATA_FIELDS)))
 
@@ -114,8 +108,10 @@ class TrainResnetsConfig(TrainingOptions, DataOptions):
         return value
 
     def training_configs(self) -> list[TrainConfig]:
-        """One model config per variant and seed; validates them all before any work."""
-        return [training_config(self, variant=variant, seed=seed)
+        """One model config per variant and seed, the form's training options set in each;
+        validates them all before any work."""
+        options = self.model_dump(include=set(TRAINING_FIELDS), exclude_none=True)
+        return [TrainConfig(**options, variant=variant, seed=seed)
                 for variant in self.variants for seed in self.seeds]
 
 

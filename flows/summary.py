@@ -90,10 +90,6 @@ def version_seed_groups(versions) -> list[dict]:
             for (digest, recipe), group in sorted(groups.items())]
 
 
-def version_seed_rows(versions) -> list[tuple[str, str]]:
-    return [row for group in version_seed_groups(versions) for row in _group_rows(group)]
-
-
 def _group_rows(group: dict) -> list[tuple[str, str]]:
     return [(f"data {group['data_digest'][:16]}", f"recipe {group['recipe']}"),
             *seed_rows(group["seed_stats"])]

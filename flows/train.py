@@ -122,7 +122,10 @@ def _run_here(jobs: list[VariantJob], data, settings):
     progress, outcomes = Tracker("jobs done", len(futures), key="jobs"), {}
     try:
         for name, future in futures.items():  # in the order they were queued
-            outcomes[name] = _outcome(future.result)
+            try:
+                outcomes[name] = future.result()
+            except Exception as exc:
+                outcomes[name] = exc
             progress.update(len(outcomes))
     except BaseException:  # this thread was interrupted: the jobs' threads end too
         stop.set()
@@ -131,13 +134,6 @@ def _run_here(jobs: list[VariantJob], data, settings):
     failed = {n: f"{type(r).__name__}: {r}" for n, r in outcomes.items()
               if not isinstance(r, VariantResult)}
     return results, failed
-
-
-def _outcome(result):
-    try:
-        return result()
-    except Exception as exc:
-        return exc
 
 
 def _place_on_devices(jobs: list[VariantJob], gpus: int) -> list[VariantJob]:

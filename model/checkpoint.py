@@ -70,8 +70,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, expected_sha256: str
         if actual != expected_sha256:
             raise CheckpointError(
                 f"{path} has sha256 {actual}, but {expected_sha256} was recorded when it was "
-                "written: the file was changed or corrupted, refusing to load it"
-            )
+                "written: the file was changed or corrupted, refusing to load it")
     state = load(path)
     try:
         model.load_state_dict(state)
@@ -125,10 +124,9 @@ def training_state(config, model, optimizer, scheduler, ema, epoch, history) -> 
 
 def restore_training_state(state, config, model, optimizer, scheduler, ema, path) -> None:
     if state.get("config_hash") != config.hash():
-        raise CheckpointError(
-            f"{path} was written by another configuration (hash {state.get('config_hash')}, "
-            f"this one is {config.hash()}): use a fresh checkpoint directory or the same config"
-        )
+        raise CheckpointError(f"{path} was written by another configuration (hash "
+                              f"{state.get('config_hash')}, this one is {config.hash()}): use "
+                              "a fresh checkpoint directory or the same config")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -136,8 +134,7 @@ def restore_training_state(state, config, model, optimizer, scheduler, ema, path
         if state.get("ema") is None:
             raise CheckpointError(
                 f"{path} has no weight average although its configuration asks for one: "
-                "the checkpoint is incomplete; use a fresh checkpoint directory"
-            )
+                "the checkpoint is incomplete; use a fresh checkpoint directory")
         ema.load_state_dict(state["ema"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"].cpu())

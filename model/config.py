@@ -220,7 +220,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate(self)
         if self.device != "auto":
-            _check_device(self.device)
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as exc:
+                raise ConfigError(f"device: not a device: {self.device!r} (use auto, cpu, "
+                                  "cuda or cuda:N)") from exc
         for name, value in RECIPE_DEFAULTS[self.recipe].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -267,16 +273,6 @@ class TrainConfig:
         if self.compile is not None:
             return self.compile
         return self.recipe in ("paper", "fast") and device.type == "cuda"
-
-
-def _check_device(value: str) -> None:
-    import torch
-
-    try:
-        torch.device(value)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"device: not a device: {value!r} (use auto, cpu, cuda or cuda:N)") from exc
 
 
 # --- command-line options, one per field ------------------------------------------------

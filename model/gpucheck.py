@@ -289,6 +289,7 @@ def run_check(args, device: torch.device, argv: list[str] | None) -> int:
     report.write()
     measure.note(format_plan(report.payload))
     failed, previous = False, signal.signal(signal.SIGTERM, _terminated)
+    status = "interrupted"  # SIGTERM, Ctrl-C: the finished rows stay, the cut one is named
     try:
         for step in steps:
             left = args.budget_seconds - (time.perf_counter() - started)
@@ -313,15 +314,12 @@ def run_check(args, device: torch.device, argv: list[str] | None) -> int:
                 row.update(row=step.name, purpose=step.purpose,
                            wall_seconds=time.perf_counter() - row_started)
             report.add(rows)
-        del report.payload["current"]
-    except BaseException:  # SIGTERM, Ctrl-C: the finished rows stay, the cut one is named
-        report.finish("interrupted")
-        print(format_summary(report.payload))
-        raise
+        report.payload.pop("current", None)
+        status = "failed" if failed else "finished"
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report.finish("failed" if failed else "finished")
-    print(format_summary(report.payload))
+        report.finish(status)
+        print(format_summary(report.payload))
     return 1 if failed else 0
 
 

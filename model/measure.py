@@ -109,8 +109,7 @@ def train_row(config: TrainConfig, data: Dataset, device: torch.device,
         m.get("test/acc"), m.get("test/acc_tta"), bool(m.get("compiled")),
         bool(m.get("compile_fallback")), m["eval_seconds"], int(m.get("recompiles", 0)),
         int(m.get("cudagraph_skips", 0)), time_to_accuracy(history, accuracy_goals), history,
-        config.batch_size,
-    )
+        config.batch_size)
 
 
 def time_to_accuracy(history: list[dict], goals: tuple[float, ...]) -> dict:
@@ -216,12 +215,10 @@ def format_predict_table(rows: list[dict]) -> str:
     header = (f"{'predict':<8} {'tta':<5} {'images':>7} {'baseline img/s':>14} "
               f"{'fast img/s':>10} {'speedup':>7} {'max |dp|':>9} {'labels differ':>13}")
     lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['variant']:<8} {r['tta']!s:<5} {r['images']:>7,} "
-            f"{r['baseline_images_per_second']:>14,.0f} {r['images_per_second']:>10,.0f} "
-            f"{r['speedup']:>6.2f}x {r['max_prob_diff']:>9.1e} {r['labels_differ']:>13,}"
-        )
+    lines += [f"{r['variant']:<8} {r['tta']!s:<5} {r['images']:>7,} "
+              f"{r['baseline_images_per_second']:>14,.0f} {r['images_per_second']:>10,.0f} "
+              f"{r['speedup']:>6.2f}x {r['max_prob_diff']:>9.1e} {r['labels_differ']:>13,}"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -233,21 +230,16 @@ def format_table(rows: list[Row]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = "-" if r.peak_percent is None else f"{r.peak_percent:.1f}%"
+        # `failed`: compiling was tried and fell back to eager
+        compiled = (f"{r.compile_seconds:.1f}" if r.compiled
+                    else "failed" if r.compile_fallback else "eager")
         lines.append(
             f"{r.recipe:<10} {r.variant:<7} {r.seed:>4} {r.batch_size:>5} {r.epochs:>6} "
-            f"{r.train_seconds:>8.1f} "
-            f"{r.eval_seconds:>6.1f} {_compile_cell(r):>9} {r.seconds_per_epoch:>8.2f} "
-            f"{r.images_per_second:>9,.0f} {r.tflops:>8.1f} {peak:>7} {_pct(r.val_acc):>8} "
-            f"{_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8} {_pct(r.test_acc_tta):>8}"
-        )
+            f"{r.train_seconds:>8.1f} {r.eval_seconds:>6.1f} {compiled:>9} "
+            f"{r.seconds_per_epoch:>8.2f} {r.images_per_second:>9,.0f} {r.tflops:>8.1f} "
+            f"{peak:>7} {_pct(r.val_acc):>8} {_pct(r.val_acc_tta):>8} {_pct(r.test_acc):>8} "
+            f"{_pct(r.test_acc_tta):>8}")
     return "\n".join(lines)
-
-
-def _compile_cell(r: Row) -> str:
-    """Compile seconds; `eager` when not compiled, `failed` when compiling fell back to eager."""
-    if r.compiled:
-        return f"{r.compile_seconds:.1f}"
-    return "failed" if r.compile_fallback else "eager"
 
 
 def _pct(x: float | None) -> str:

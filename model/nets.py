@@ -188,14 +188,9 @@ def summary(model: nn.Module, batch_size: int = 128, input_size=(3, 32, 32)) -> 
         meta_model(torch.empty((1, *input_size), device="meta"))
     trainable = count_parameters(model)
     return ModelSummary(
-        rows=tuple(rows),
-        params=count_parameters(model, trainable_only=False),
-        trainable_params=trainable,
-        param_mb=trainable * 4 / 2**20,
-        batch_size=batch_size,
-        activation_mb=activation_elems * batch_size * 4 / 2**20,
-        forward_flops=flops,
-    )
+        rows=tuple(rows), params=count_parameters(model, trainable_only=False),
+        trainable_params=trainable, param_mb=trainable * 4 / 2**20, batch_size=batch_size,
+        activation_mb=activation_elems * batch_size * 4 / 2**20, forward_flops=flops)
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

@@ -41,10 +41,8 @@ def to_device_images(images: np.ndarray | torch.Tensor, device: torch.device) ->
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (32, 32, 3):
-        raise ValueError(
-            f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
-            f"{tuple(images.shape)}"
-        )
+        raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
+                         f"{tuple(images.shape)}")
     return images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, 32, 32)
 
 

@@ -81,7 +81,7 @@ def _on_these_images(result: VariantResult, data: Dataset) -> VariantResult:
 
 def _accuracy_on(version, data: Dataset) -> float:
     if version.tags.get("val_digest") == data.val.digest:
-        return registry.version_accuracy(version)
+        return float(version.tags.get("val_acc", "nan"))
     return _rescore(str(version.version), version.tags.get("val_digest"), data)
 
 

@@ -64,17 +64,10 @@ class LoadedModel:
     tags: dict[str, str]
 
 
-def register(
-    network: torch.nn.Module,
-    *,
-    variant: str,
-    tags: dict[str, str],
-    tta: bool,
-    name: str = REGISTERED_MODEL,
-    metrics: Mapping[str, float] | None = None,
-    config: Mapping[str, Any] | None = None,
-    data: Dataset | None = None,
-) -> mlflow.entities.model_registry.ModelVersion:
+def register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], tta: bool,
+             name: str = REGISTERED_MODEL, metrics: Mapping[str, float] | None = None,
+             config: Mapping[str, Any] | None = None,
+             data: Dataset | None = None) -> mlflow.entities.model_registry.ModelVersion:
     """Log `network` to the active MLflow run as a pyfunc model and register a new version,
     tagged with `tags`, `variant`, `weights_sha256` and the Prefect flow run, its model card
     as description. Raises RegistrationError when the tracking server cannot be reached."""
@@ -139,7 +132,9 @@ def _register(network: torch.nn.Module, *, variant: str, tags: dict[str, str], t
         run_url=model_card.mlflow_run_url(mlflow.get_tracking_uri(), run.info.experiment_id,
                                           run_id) if run is not None else None,
         flow_run_id=flow_run_id, flow_run_url=flow_run_url, config=config, metrics=metrics,
-        data=_data_facts(data))
+        data={} if data is None else {
+            "source": data.source, "digest": data.digest, "val_digest": data.val.digest,
+            "train_images": len(data.train), "val_images": len(data.val)})
     _ensure_registered_model(client, name)
     # The version is created with its tags and card in one call: no version is ever visible
     # without the variant and checksum that loading it depends on.
@@ -170,20 +165,12 @@ def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
         client.update_registered_model(name, description=model_card.MODEL_DESCRIPTION)
 
 
-def _data_facts(data: Dataset | None) -> dict[str, Any]:
-    if data is None:
-        return {}
-    return {"source": data.source, "digest": data.digest, "val_digest": data.val.digest,
-            "train_images": len(data.train), "val_images": len(data.val)}
-
-
 def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
     """`models:/name@alias` or `models:/name/version` -> the registry's ModelVersion."""
     match = _MODEL_URI.match(model_uri)
     if match is None:
-        raise RegistryError(
-            f"{model_uri!r} is not a registry URI: use models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
+        raise RegistryError(f"{model_uri!r} is not a registry URI: use models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION")
     name, alias, version = match["name"], match["alias"], match["version"]
     client = mlflow.MlflowClient()
     try:
@@ -192,8 +179,7 @@ def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
         known = sorted(m.name for m in client.search_registered_models())
         raise RegistryError(
             f"no registered model named {name!r} at {redact(mlflow.get_tracking_uri())}; "
-            f"registered models: {known or 'none'}"
-        ) from exc
+            f"registered models: {known or 'none'}") from exc
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
@@ -203,8 +189,7 @@ def resolve(model_uri: str) -> mlflow.entities.model_registry.ModelVersion:
         what = f"alias {alias!r}" if alias else f"version {version}"
         raise RegistryError(
             f"model {name!r} has no {what}; its aliases are {aliases or 'none'} "
-            "(train a model first, or pick one with `cifar-pipeline models`)"
-        ) from exc
+            "(train a model first, or pick one with `cifar-pipeline models`)") from exc
 
 
 def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -230,10 +215,6 @@ def load(model_uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         network = load_weights(build_model(variant), path, expected_sha256=sha)
     return LoadedModel(network.to(device).eval(), mv.name, str(mv.version), mv.run_id or "",
                        variant, sha, tags)
-
-
-def version_accuracy(mv) -> float:
-    return float(mv.tags.get("val_acc", "nan"))
 
 
 def current_champion(name: str = REGISTERED_MODEL):

@@ -108,8 +108,7 @@ def check_reusable(manifest: dict, model: ScoredModel, input_digest: str, tta: b
 @task(name="read-competition-file", cache_policy=NONE, persist_result=False)
 def read_competition_file(uri: str) -> CompetitionInput:
     ids, images = read_competition_pickle(uri)
-    digest = hashlib.sha256()
-    digest.update(ids.tobytes())
+    digest = hashlib.sha256(ids.tobytes())
     digest.update(images.tobytes())
     return CompetitionInput(uri, ids, images, digest.hexdigest())
 
@@ -156,39 +155,29 @@ def encode_predictions(ids: np.ndarray, predictions: Predictions) -> dict[str, b
     import pyarrow.parquet as pq
 
     labels = predictions.labels
-    csv = io.StringIO()
-    csv.write("ID,Labels\n")
-    for i, label in zip(ids.tolist(), labels.tolist(), strict=True):
-        csv.write(f"{i},{label}\n")
+    csv = "ID,Labels\n" + "".join(
+        f"{i},{label}\n" for i, label in zip(ids.tolist(), labels.tolist(), strict=True))
     columns = {"id": pa.array(ids, pa.int64()), "label": pa.array(labels, pa.int64()),
                "class_name": pa.array([CLASSES[i] for i in labels.tolist()], pa.string())}
     for i, name in enumerate(CLASSES):
         columns[f"prob_{name}"] = pa.array(predictions.probabilities[:, i], pa.float32())
     parquet = io.BytesIO()
     pq.write_table(pa.table(columns), parquet)
-    return {"predictions.csv": csv.getvalue().encode(), "predictions.parquet": parquet.getvalue()}
+    return {"predictions.csv": csv.encode(), "predictions.parquet": parquet.getvalue()}
 
 
 def describe_result(prefix: str, files: dict[str, bytes], model: ScoredModel, model_uri: str,
                     scoring_input: CompetitionInput, tta: bool, seconds: float) -> dict:
     """The manifest: what made the files, from what, and their keys and checksums."""
     return {
-        "model_name": model.name,
-        "model_version": model.version,
-        "model_run_id": model.run_id,
-        "model_uri": model_uri,
-        "weights_sha256": model.weights_sha256,
-        "dataset_digest": model.data_digest,
-        "input_uri": scoring_input.uri,
-        "input_digest": scoring_input.digest,
-        "rows": len(scoring_input.ids),
-        "tta": tta,
+        "model_name": model.name, "model_version": model.version, "model_run_id": model.run_id,
+        "model_uri": model_uri, "weights_sha256": model.weights_sha256,
+        "dataset_digest": model.data_digest, "input_uri": scoring_input.uri,
+        "input_digest": scoring_input.digest, "rows": len(scoring_input.ids), "tta": tta,
         "files": {name: {"key": f"{prefix}/{name}", "bytes": len(payload),
                          "sha256": hashlib.sha256(payload).hexdigest()}
                   for name, payload in files.items()},
-        "predict_seconds": seconds,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+        "predict_seconds": seconds, "created_at": datetime.now(UTC).isoformat()}
 
 
 @task(name="write-predictions", cache_policy=NONE, persist_result=False, **TRANSIENT_RETRIES)

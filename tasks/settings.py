@@ -52,8 +52,7 @@ class Settings:
             metrics_flush_seconds=float(env.get("CIFAR_METRICS_FLUSH_SECONDS") or 300),
             system_metrics=(env.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") or "true").lower()
             not in ("false", "0"),
-            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""),
-        )
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""))
 
     def apply(self) -> None:
         """Point MLflow at this tracking store and make sure the experiment exists there."""
@@ -282,17 +281,14 @@ def check_tracking_server(uri: str) -> None:
             "CIFAR_TRACKING_TIMEOUT_SECONDS sets how long to wait")
 
 
-@contextlib.contextmanager
-def _schema_lock(tracking_uri: str) -> Iterator[None]:
-    """Hold a lock beside a SQLite tracking database; other stores need none."""
+def _schema_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+    """A lock beside a SQLite tracking database; other stores need none."""
     from sqlalchemy.engine import make_url
 
     database = make_url(tracking_uri).database if tracking_uri.startswith("sqlite") else None
     if not database or database == ":memory:":
-        yield
-        return
-    with file_lock(Path(database).with_name(Path(database).name + ".lock")):
-        yield
+        return contextlib.nullcontext()
+    return file_lock(Path(database).with_name(Path(database).name + ".lock"))
 
 
 @contextlib.contextmanager

@@ -108,8 +108,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
             store.get_file(key, ckpt_dir / CHECKPOINT_NAME)
             logger.info("resuming %s from %s", job.name, store.uri(key))
         with tracked_run(
-            run_id=run_id,
-            run_name=None if run_id else job.name,
+            run_id=run_id, run_name=None if run_id else job.name,
             nested=job.parent_run_id is not None and run_id is None,
             parent_run_id=job.parent_run_id if run_id is None else None,
             # CPU, memory and (with nvidia-ml-py) GPU use; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
@@ -142,8 +141,7 @@ def fit_and_register(job: VariantJob, data: Dataset, settings: Settings,
                 run_id=run.info.run_id, version=str(version.version), metrics=result.metrics,
                 history=result.history, params=int(result.metrics["params"]),
                 param_mb=summary(result.model).param_mb,
-                resumed_from_epoch=result.resumed_from_epoch, val_digest=data.val.digest,
-            )
+                resumed_from_epoch=result.resumed_from_epoch, val_digest=data.val.digest)
     store.put(f"{job.prefix}/registered.json", json.dumps(asdict(outcome)).encode())
     return outcome
 

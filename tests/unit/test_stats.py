@@ -124,14 +124,14 @@ def test_summary_rows_over_seeds_and_the_one_seed_case() -> None:
 
 
 def test_models_compare_groups_versions_by_digest_and_recipe() -> None:
-    from flows.summary import version_seed_rows
+    from flows.summary import _group_rows, version_seed_groups
 
     versions = [_version(1, "deep", 0, 0.10), _version(2, "deep", 0, 0.94),  # v2 replaces v1
                 _version(3, "deep", 1, 0.95, test_acc="0.93"),
                 _version(4, "light", 0, 0.90), _version(5, "light", 1, 0.91),
                 _version(6, "light", 0, 0.5, recipe="paper"),
                 _version(7, "deep", 9, 0.5, digest="e" * 64)]
-    lines = version_seed_rows(versions)
+    lines = [row for group in version_seed_groups(versions) for row in _group_rows(group)]
     assert [line for line in lines if line[0].startswith("data ")] == [
         ("data " + "d" * 16, "recipe fast"), ("data " + "d" * 16, "recipe paper"),
         ("data " + "e" * 16, "recipe fast")]
