@@ -177,17 +177,19 @@ class GraphedStep:
         weights = {k: v.clone() for k, v in model.state_dict().items()}
         moments = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
         try:
-            side = torch.cuda.Stream()  # warm-up steps, as capture requires, on a side stream
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(COMPILE_WARMUP_STEPS):
-                    optimizer.zero_grad(set_to_none=True)
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.loss, self.hits = self._step()
+            # Capture and replay on the run's GPU, whichever is this thread's current one.
+            with torch.cuda.device(loader.device):
+                side = torch.cuda.Stream()  # warm-up steps, as capture requires, on the side
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(COMPILE_WARMUP_STEPS):
+                        optimizer.zero_grad(set_to_none=True)
+                        self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                optimizer.zero_grad(set_to_none=True)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.loss, self.hits = self._step()
         finally:
             model.load_state_dict(weights)
             for p, state in optimizer.state.items():
@@ -213,11 +215,13 @@ class GraphedStep:
             if group["lr"] is not lr:
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr
-        # Not the epoch's own seed, which draws its order: the two streams stay apart.
-        torch.cuda.manual_seed(epoch_seed(self.loader.seed, epoch) + 1)
+        device = self.loader.device
+        with torch.cuda.device(device):  # Not the epoch's own seed, which draws its order.
+            torch.cuda.manual_seed(epoch_seed(self.loader.seed, epoch) + 1)
         for idx in batches:
             self.index.copy_(idx)
-            self.graph.replay()
+            with torch.cuda.device(device):
+                self.graph.replay()
             yield self.loss, self.hits, idx.shape[0]
 
 
@@ -228,7 +232,7 @@ def graph_step(model: nn.Module, criterion: nn.Module, optimizer, loader,
     started = time.perf_counter()
     try:
         graphed = GraphedStep(model, criterion, optimizer, loader, bf16)
-        torch.cuda.synchronize()
+        synchronize(loader.device)
     except Exception as exc:  # the plain step still trains
         log.warning("capturing the step as a CUDA graph failed, training without: %s: %s",
                     type(exc).__name__, exc)
