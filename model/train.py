@@ -165,7 +165,8 @@ def fit(
     if config.cuda_graph and start_epoch < epochs:
         if device.type == "cuda":
             step.graphed, seconds = graph_step(step.model, criterion, optimizer, loader, bf16)
-            compile_seconds, fell_back = compile_seconds + seconds, step.graphed is None
+            compile_seconds += seconds
+            fell_back = fell_back or step.graphed is None  # a compile's fallback stays
         else:
             log.warning("cuda_graph needs a CUDA device: training on %s without it", device)
     # What is validated, scored and returned: the averaged weights when there are some.
