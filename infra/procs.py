@@ -107,6 +107,15 @@ def stack_processes(root: Path, program: str | None = None) -> list[psutil.Proce
     return found
 
 
+def port_holders(port: int) -> str:
+    """`pid N (name)` of each process listening on `port`, as far as this user may see."""
+    with contextlib.suppress(psutil.Error):
+        pids = {c.pid for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+        return ", ".join(f"pid {pid} ({psutil.Process(pid).name()})" for pid in sorted(pids))
+    return ""
+
+
 # ------------------------------------------------------------------------ supervisord
 
 

@@ -23,6 +23,7 @@ from infra.services import SERVICES, Stack, client_env, free_ports, healthy
 from tasks.settings import file_lock
 
 UP_TIMEOUT = 1800.0  # seconds to wait for another `up` or `down` on the same state directory
+PORT_WAIT = 75.0  # seconds a taken port may take to be released: TCP's TIME_WAIT is 60
 
 
 def configure(root: Path, auth: bool | None) -> Stack:
@@ -64,10 +65,8 @@ def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> Non
             if name == "postgres":
                 postgres.prepare(stack, password)
             for port in (stack.ports[p] for p in (services.S3_PORTS if name == "s3" else [name])):
-                if name not in running and not services.port_free(port):
-                    raise StackError(f"port {port} for {name} is taken by a process this "
-                                     f"stack did not start; stop it, or delete "
-                                     f"{stack.root / 'stack.json'} so that `up` picks new ports")
+                if name not in running:
+                    _wait_port_free(stack, name, port, min(deadline, time.monotonic() + PORT_WAIT))
         for line in supervisor.apply([SERVICES[n].program(stack) for n in stage]):
             print(f"  {line}")
         for name in stage:
@@ -75,6 +74,22 @@ def ensure_services(stack: Stack, supervisor: Supervisor, timeout: float) -> Non
         if "postgres" in stage:
             postgres.ensure_databases(stack, password)
             provision.ensure_buckets(stack)
+
+
+def _wait_port_free(stack: Stack, name: str, port: int, until: float) -> None:
+    """A server of this stack that was just killed can hold its port for a moment, and a
+    connection that took the port as its own end holds it a minute (TIME_WAIT): wait that
+    out, then name whoever still listens on it."""
+    if services.port_free(port):
+        return
+    print(f"  port {port} for {name} is in use; waiting for it")
+    while not services.port_free(port):
+        if time.monotonic() > until:
+            holders = procs.port_holders(port)
+            raise StackError(f"port {port} for {name} is taken by {holders or 'a process'}, "
+                             f"which this stack did not start; stop it, or delete "
+                             f"{stack.root / 'stack.json'} so that `up` picks new ports")
+        time.sleep(0.5)
 
 
 def _wait_healthy(stack: Stack, supervisor: Supervisor, name: str, deadline: float) -> None:

@@ -39,6 +39,8 @@ WEIGHTS_ARTIFACT = "weights"
 CODE_ARTIFACT = "inference_code"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+# PostgreSQL, MySQL and SQLite's words for two inserts of one alias.
+_ALIAS_CLASH = re.compile(r"(duplicate|unique).*alias", re.IGNORECASE | re.DOTALL)
 # Its "No artifacts found" INFO line would come before the error of `load` that says so.
 logging.getLogger("mlflow.store.artifact.artifact_repo").setLevel(logging.WARNING)
 
@@ -225,4 +227,12 @@ def current_champion(name: str = REGISTERED_MODEL):
 
 
 def set_alias(alias: str, version: str, name: str = REGISTERED_MODEL) -> None:
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    """Point `alias` at `version`. MLflow's SQL store adds a new alias by reading, then
+    inserting, so two runs that set one alias at once (two parents with the same run key)
+    can meet on its primary key; the loser tries again, finds the row and updates it."""
+    for attempt in range(3):
+        try:
+            return mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+        except MlflowException as e:
+            if attempt == 2 or not _ALIAS_CLASH.search(str(e)):
+                raise

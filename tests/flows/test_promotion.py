@@ -177,3 +177,32 @@ def test_a_candidate_that_cannot_be_rescored_is_not_compared(
                        r"images \(000000000000\) and cannot be re-scored on validation "
                        f"{small_data.val.digest[:12]}.*has no version 77"):
         decide([_candidate("77", 0.99, OTHER_DIGEST)], small_data)
+
+
+def test_an_alias_set_by_two_runs_at_once_is_set_again_not_failed(
+    tracking: mlflow.MlflowClient, small_data: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, two promotions adding one alias at once meet on its primary key (the
+    server reads, then inserts); the loser's call is made again and points the alias."""
+    version = _register("light", "0.500000", small_data.val.digest)
+    real = mlflow.MlflowClient.set_registered_model_alias
+    calls = []
+
+    def clash_once(self, name, alias, version):
+        calls.append(alias)
+        if calls == ["light"]:
+            raise mlflow.exceptions.MlflowException(
+                "BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates "
+                'unique constraint "registered_model_alias_pk"\nDETAIL: Key (workspace, name, '
+                f"alias)=(default, {name}, {alias}) already exists.")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", clash_once)
+    registry.set_alias("light", version)
+    assert calls == ["light", "light"] and _aliases() == {"light": version}
+
+    # Any other refusal is the caller's to see, at once.
+    calls.clear()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="version=999"):
+        registry.set_alias("deep", "999")
+    assert calls == ["deep"]

@@ -300,26 +300,58 @@ def test_initdb_out_of_disk_space_says_how_much_to_free(tmp_path, monkeypatch):
         postgres.prepare(_stack(tmp_path), "pw")
 
 
+class _Supervisor:
+    """Nothing running; records what `up` would start."""
+
+    def __init__(self):
+        self.started = []
+
+    def info(self):
+        return {}
+
+    def apply(self, programs):
+        self.started += [p.name for p in programs]
+        raise StackError("stop here")  # past the port checks: that is all these tests need
+
+
+def _with_port(tmp_path, port: int) -> services.Stack:
+    configured = _stack(tmp_path)
+    configured.ports = {**stack.configure(tmp_path, auth=None).ports, "postgres": port}
+    return configured
+
+
 def test_a_port_taken_by_another_program_fails_up_before_starting_anything(tmp_path,
                                                                            monkeypatch):
     import socket
 
-    class NoSupervisor:
-        def info(self):
-            return {}
-
-        def apply(self, programs):
-            raise AssertionError("nothing may start")
-
     monkeypatch.setattr(postgres, "prepare", lambda *a: None)
+    monkeypatch.setattr(stack, "PORT_WAIT", 0.3)
+    supervisor = _Supervisor()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        configured = _stack(tmp_path)
-        configured.ports = {**stack.configure(tmp_path, auth=None).ports,
-                            "postgres": taken.getsockname()[1]}
-        with pytest.raises(StackError, match=r"port \d+ for postgres is taken .* delete"):
-            stack.ensure_services(configured, NoSupervisor(), timeout=5)
+        configured = _with_port(tmp_path, taken.getsockname()[1])
+        with pytest.raises(StackError, match=rf"port \d+ for postgres is taken by pid "
+                                             rf"{os.getpid()} \(.*\), .* delete"):
+            stack.ensure_services(configured, supervisor, timeout=5)
+    assert supervisor.started == []
+
+
+def test_a_port_released_while_up_waits_is_used(tmp_path, monkeypatch):
+    """A killed server of this stack, still dying, holds its port for a moment."""
+    import socket
+    import threading
+
+    monkeypatch.setattr(postgres, "prepare", lambda *a: None)
+    supervisor = _Supervisor()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    configured = _with_port(tmp_path, taken.getsockname()[1])
+    threading.Timer(0.2, taken.close).start()
+    with pytest.raises(StackError, match="stop here"):
+        stack.ensure_services(configured, supervisor, timeout=5)
+    assert supervisor.started == ["postgres", "s3"]
 
 
 def test_mlflow_runs_no_more_workers_than_cores_unless_told(tmp_path, monkeypatch):
