@@ -6,7 +6,6 @@ how each server runs under supervisord and how it is checked.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import secrets
@@ -94,13 +93,19 @@ class Stack:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on now (the sockets stay open until all
-    are chosen, so the kernel cannot hand out one twice)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
+    """`count` distinct ports nothing uses now, below the range the kernel takes outgoing
+    connections' own ports from: a port in it can be taken as one (and held a minute in
+    TIME_WAIT) while its server is down, and `up` could not start it again."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS's range begins higher
+    candidates = secrets.SystemRandom().sample(range(10000, max(low, 10000 + 9 * count)),
+                                               8 * count)
+    chosen = [port for port in candidates if port_free(port)][:count]
+    if len(chosen) < count:
+        raise StackError(f"{count} free ports below {low} are needed; {len(chosen)} found")
+    return chosen
 
 
 def port_free(port: int) -> bool:

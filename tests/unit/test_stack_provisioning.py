@@ -203,6 +203,10 @@ def test_ports_are_chosen_once_and_an_external_s3_endpoint_replaces_seaweedfs(tm
     assert stack.configure(tmp_path, auth=None).ports == first.ports
     assert sorted(first.ports) == sorted(services.PORTS)
     assert len(set(first.ports.values())) == len(services.PORTS)
+    # Outside the kernel's range for outgoing connections' own ports: none of those can
+    # take a port while its server is down.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(10000 <= port < low for port in first.ports.values())
     assert first.stages() == [["postgres", "s3"], ["prefect", "mlflow", "alerts"]]
     assert first.auth  # closed by default
     assert stack.configure(tmp_path, auth=None).auth  # and kept
