@@ -43,18 +43,15 @@ def _check_generator(x: torch.Tensor, generator: torch.Generator | None) -> None
 
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     # Division (not multiplication by 1/255) so values match torchvision's ToTensor bit for bit.
-    if x.dtype == torch.uint8:
-        return x.float().div(255)
-    return x.float()
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
 
 
 @functools.cache
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Cached per device: building them from Python floats on every call would be a host-to-device
     # copy, which on CUDA waits for the queued work to finish.
-    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-    std = torch.tensor(CIFAR10_STD, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-    return mean, std
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                 for v in (CIFAR10_MEAN, CIFAR10_STD))
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -132,9 +129,7 @@ def cutout(
     in_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (N, W)
     mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # (N, 1, H, W)
     out = x.masked_fill(mask, 0)
-    if return_boxes:
-        return out, torch.stack((top, left, bottom, right), dim=1)
-    return out
+    return (out, torch.stack((top, left, bottom, right), dim=1)) if return_boxes else out
 
 
 def crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
@@ -145,11 +140,8 @@ def crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | No
     _check_images(x, "crop_flip")
     _check_generator(x, generator)
     offsets = _draw_offsets(x, padding, generator)
-    flips = _draw_flips(x, 0.5, generator)
-    out = crop_flip_at(x, offsets, flips, padding)
-    if cutout_size > 0:
-        out = cutout(out, cutout_size, generator)
-    return out
+    out = crop_flip_at(x, offsets, _draw_flips(x, 0.5, generator), padding)
+    return cutout(out, cutout_size, generator) if cutout_size > 0 else out
 
 
 # --- the report's pipeline, batched -------------------------------------------------------------
@@ -319,9 +311,8 @@ def report_augment_at(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     _check_images(x, "report_augment_at", rgb=True)
     n, _, h, w = x.shape
     if params.shape != (n, len(REPORT_PARAMS)):
-        raise ValueError(
-            f"params must have shape ({n}, {len(REPORT_PARAMS)}), got {tuple(params.shape)}"
-        )
+        raise ValueError(f"params must have shape ({n}, {len(REPORT_PARAMS)}), "
+                         f"got {tuple(params.shape)}")
     k = _report_constants(x.device, h, w)
     hp, wp = h + 2 * _PAD, w + 2 * _PAD
     params = params.to(device=x.device, dtype=torch.float32)
@@ -361,9 +352,7 @@ def report_augment_at(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)  # (N, H, W, 2)
     out = F.grid_sample(y, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     out = out * frame[:, None]  # (N, 3, H, W)
-    if x.dtype == torch.uint8:
-        return out.round_().to(torch.uint8)
-    return out.to(x.dtype)
+    return (out.round_() if x.dtype == torch.uint8 else out).to(x.dtype)
 
 
 def report_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -126,8 +126,7 @@ class ReferenceLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.order.epoch = epoch
         for x, y in self.loader:
-            yield (x.to(self.device, non_blocking=True),
-                   y.to(self.device, non_blocking=True))
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         # Persistent workers end with their iterator; drop it now rather than at exit.
@@ -137,9 +136,7 @@ class ReferenceLoader:
 def make_loader(config: TrainConfig, split: Split, device: torch.device):
     if config.recipe == "reference":
         return ReferenceLoader(split, device, config.batch_size, config.seed, config.workers)
-    if config.recipe == "paper":
-        augmenter = augment.report_augment
-    else:
-        augmenter = partial(augment.crop_flip, cutout_size=config.cutout)
+    augmenter = (augment.report_augment if config.recipe == "paper"
+                 else partial(augment.crop_flip, cutout_size=config.cutout))
     return DeviceLoader(split, device, config.batch_size, config.seed, augmenter,
                         config.channels_last)

@@ -91,10 +91,8 @@ class WeightEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval()
-        self._params = list(model.parameters())
-        self._avg_params = list(self.model.parameters())
-        self._buffers = list(model.buffers())
-        self._avg_buffers = list(self.model.buffers())
+        self._params, self._avg_params = list(model.parameters()), list(self.model.parameters())
+        self._buffers, self._avg_buffers = list(model.buffers()), list(self.model.buffers())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -193,11 +191,8 @@ class GraphedStep:
         finally:
             model.load_state_dict(weights)
             for p, state in optimizer.state.items():
-                for k, v in state.items():
-                    if p in moments:
-                        v.copy_(moments[p][k])
-                    else:  # a fresh Adam: its state starts at zero
-                        v.zero_()
+                for k, v in state.items():  # a fresh Adam's state (not in moments) is zero
+                    v.copy_(moments[p][k]) if p in moments else v.zero_()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.loader.batch(self.index)  # the default generator: see the class

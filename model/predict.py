@@ -110,9 +110,7 @@ def inference_model(model: nn.Module, device: str | torch.device | None = None) 
     norm folded into the convolutions, weights channels-last (the layout oneDNN on the CPU and
     cuDNN's tensor cores run fastest in). Give it to `predict(..., fuse=False)` to prepare
     once and predict many times."""
-    if device is None:
-        device = next(model.parameters()).device
-    device = resolve_device(device)
+    device = resolve_device(next(model.parameters()).device if device is None else device)
     return fuse_for_inference(model).to(device, memory_format=torch.channels_last)
 
 
@@ -121,9 +119,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, accuracy) as 0-d device tensors: no host sync here."""
     y = logits(model, images, **kwargs)
-    loss = F.cross_entropy(y, labels)
-    acc = (y.argmax(1) == labels).float().mean()
-    return loss, acc
+    return F.cross_entropy(y, labels), (y.argmax(1) == labels).float().mean()
 
 
 def predict(
@@ -140,9 +136,7 @@ def predict(
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
-    device = resolve_device(device)
+    device = resolve_device(next(model.parameters()).device if device is None else device)
     model = inference_model(model, device) if fuse else model.to(device)
     x = to_device_images(images_uint8, device)  # (N, 3, 32, 32) uint8
     bf16 = precision == "bf16"

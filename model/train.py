@@ -110,10 +110,8 @@ def fit(
     if len(data.train) == 0:
         raise ValueError("the training split is empty")
     if len(data.val) == 0:
-        raise ValueError(
-            "the validation split is empty: the learning-rate schedule and model selection "
-            "need one; set a validation size above 0"
-        )
+        raise ValueError("the validation split is empty: the learning-rate schedule and model "
+                         "selection need one; set a validation size above 0")
     fit_started = time.perf_counter()
     device = resolve_device(config.device)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -189,11 +187,10 @@ def fit(
             val_loss, val_acc = float(val_loss), float(val_acc)
             eval_seconds = time.perf_counter() - started - train_seconds
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                raise NonFiniteLossError(
-                    f"epoch {epoch}: training loss {train_loss}, validation loss {val_loss}; "
-                    f"the run diverged (learning rate {lr:g}): lower the learning rate or "
-                    "check the data; the last good checkpoint is kept"
-                )
+                raise NonFiniteLossError(f"epoch {epoch}: training loss {train_loss}, validation "
+                                         f"loss {val_loss}; the run diverged "
+                                         f"(learning rate {lr:g}): lower the learning rate or "
+                                         "check the data; the last good checkpoint is kept")
             if not per_step:
                 scheduler.step(val_loss)
             metrics = {
@@ -231,8 +228,7 @@ def fit(
     if writer is not None:
         writer.close()  # the last epoch's checkpoint is written before fit returns
 
-    model = eval_model
-    model.eval()
+    model = eval_model.eval()
     final, val_predicted = _final_metrics(config, model, data, device, history, eval_kwargs,
                                           val_images, val_labels)
     if step.compiled:
@@ -344,9 +340,8 @@ def _final_metrics(config, model, data, device, history, eval_kwargs, val_images
         test_labels = torch.from_numpy(data.test.labels).to(device)
         final["test/acc"] = float(evaluate(model, test_images, test_labels, **eval_kwargs)[1])
         if config.tta:
-            final["test/acc_tta"] = float(
-                evaluate(model, test_images, test_labels, tta=True, **eval_kwargs)[1]
-            )
+            final["test/acc_tta"] = float(evaluate(model, test_images, test_labels, tta=True,
+                                                   **eval_kwargs)[1])
     return final, predicted.cpu().numpy().astype(np.int64)
 
 

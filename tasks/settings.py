@@ -151,9 +151,8 @@ def check_state_dir(state: Path, writable: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise StateDirError(
-            f"cannot use the state directory: {disk_error_message(exc, state) or exc}"
-        ) from exc
+        raise StateDirError("cannot use the state directory: "
+                            f"{disk_error_message(exc, state) or exc}") from exc
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()

@@ -90,10 +90,8 @@ def check_label_range(labels: np.ndarray, num_classes: int, what: str) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         row = int(bad[0])
-        raise InvalidInputError(
-            f"{what}: row {row}: label {int(labels[row])} is outside 0..{num_classes - 1} "
-            f"({len(bad)} such row(s))"
-        )
+        raise InvalidInputError(f"{what}: row {row}: label {int(labels[row])} is outside "
+                                f"0..{num_classes - 1} ({len(bad)} such row(s))")
 
 
 def class_names(names: Sequence[str], what: str) -> tuple[str, ...]:

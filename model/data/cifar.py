@@ -118,18 +118,15 @@ def folder_files(path: Path, source: str) -> list[Path]:
     files = [folder / name for name in BATCH_FILES]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise InvalidInputError(
-            f"{source}: missing batch file(s) {', '.join(missing)} in {folder}; expected the "
-            f"cifar-10-python layout ({', '.join(BATCH_FILES)})"
-        )
+        raise InvalidInputError(f"{source}: missing batch file(s) {', '.join(missing)} in "
+                                f"{folder}; expected the cifar-10-python layout "
+                                f"({', '.join(BATCH_FILES)})")
     return files
 
 
 def _too_big(what: str, size: int) -> InvalidInputError:
-    return InvalidInputError(
-        f"{what} is {size} bytes, more than the limit of {MAX_MEMBER_BYTES} for one batch "
-        "file (an official one is 31 MB); refused unread"
-    )
+    return InvalidInputError(f"{what} is {size} bytes, more than the limit of {MAX_MEMBER_BYTES} "
+                             "for one batch file (an official one is 31 MB); refused unread")
 
 
 def _read_file(path: Path, what: str) -> bytes:
@@ -163,10 +160,9 @@ class _CappedReads:
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size > MAX_MEMBER_BYTES:
-            raise InvalidInputError(
-                f"{self._source}: an archive header claims {size} bytes, more than the limit "
-                f"of {MAX_MEMBER_BYTES} for one entry; refused unread"
-            )
+            raise InvalidInputError(f"{self._source}: an archive header claims {size} bytes, more "
+                                    f"than the limit of {MAX_MEMBER_BYTES} for one entry; refused "
+                                    "unread")
         return self._raw.read(size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -210,8 +206,7 @@ def read_tarball(path: Path, source: str) -> RawData:
         raise InvalidInputError(f"{source} is not a readable .tar.gz: {e}") from e
     missing = [name for name in BATCH_FILES if name not in parsed]
     if missing:
-        raise InvalidInputError(
-            f"{source}: the archive lacks batch file(s) {', '.join(missing)}; expected the "
-            f"cifar-10-python layout ({BATCH_DIR}/{{{', '.join(BATCH_FILES)}}})"
-        )
+        raise InvalidInputError(f"{source}: the archive lacks batch file(s) {', '.join(missing)}; "
+                                "expected the cifar-10-python layout "
+                                f"({BATCH_DIR}/{{{', '.join(BATCH_FILES)}}})")
     return _assemble(parsed, source)

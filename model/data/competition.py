@@ -25,9 +25,8 @@ _SHOWN_KEYS = 5
 
 def _validate_competition(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(obj, dict):
-        raise InvalidInputError(
-            f"{what}: expected a dict {{b'data': ..., b'ids': ...}}, got {type(obj).__name__}"
-        )
+        raise InvalidInputError(f"{what}: expected a dict {{b'data': ..., b'ids': ...}}, got "
+                                f"{type(obj).__name__}")
     expected = {b"data", b"ids"}
     keys = set(obj)
     if keys != expected:
@@ -56,24 +55,19 @@ def _validate_images(data: Any, what: str) -> np.ndarray:
         raise InvalidInputError(f"{what}: b'data' has dtype {data.dtype}, expected uint8")
     shape = data.shape
     if shape == IMAGE_SHAPE:
-        raise InvalidInputError(
-            f"{what}: b'data' has shape {shape}, a single image; expected (N, 32, 32, 3)"
-        )
+        raise InvalidInputError(f"{what}: b'data' has shape {shape}, a single image; expected "
+                                "(N, 32, 32, 3)")
     if data.ndim == 4 and shape[1:] == (3, 32, 32):
-        raise InvalidInputError(
-            f"{what}: b'data' has shape {shape}, which looks channels-first; expected "
-            "(N, 32, 32, 3) channels-last: convert with data.transpose(0, 2, 3, 1)"
-        )
+        raise InvalidInputError(f"{what}: b'data' has shape {shape}, which looks channels-first; "
+                                "expected (N, 32, 32, 3) channels-last: convert with "
+                                "data.transpose(0, 2, 3, 1)")
     if data.ndim == 4 and shape[1:3] == (32, 32) and shape[3] != 3:
-        raise InvalidInputError(
-            f"{what}: b'data' has shape {shape}, {shape[3]} channels; expected 3 (RGB), "
-            "shape (N, 32, 32, 3)"
-        )
+        raise InvalidInputError(f"{what}: b'data' has shape {shape}, {shape[3]} channels; expected "
+                                "3 (RGB), shape (N, 32, 32, 3)")
     if data.ndim == 2 and shape[1] == 32 * 32 * 3:
-        raise InvalidInputError(
-            f"{what}: b'data' has shape {shape}, flat rows; expected (N, 32, 32, 3): "
-            "convert with data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)"
-        )
+        raise InvalidInputError(f"{what}: b'data' has shape {shape}, flat rows; expected "
+                                "(N, 32, 32, 3): convert with "
+                                "data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)")
     if data.ndim != 4 or shape[1:] != IMAGE_SHAPE:
         raise InvalidInputError(f"{what}: b'data' has shape {shape}, expected (N, 32, 32, 3)")
     if shape[0] == 0:
@@ -85,28 +79,24 @@ def _validate_ids(ids: Any, n: int, what: str) -> np.ndarray:
     if isinstance(ids, list | tuple):
         for value in ids:
             if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-                raise InvalidInputError(
-                    f"{what}: b'ids' holds {quote(value)} ({type(value).__name__}), "
-                    "expected integers"
-                )
+                raise InvalidInputError(f"{what}: b'ids' holds {quote(value)} "
+                                        f"({type(value).__name__}), expected integers")
         try:
             ids = np.array(ids, dtype=np.int64).reshape(-1)
         except OverflowError as e:
             raise InvalidInputError(f"{what}: b'ids' has a value outside int64: {e}") from None
     elif isinstance(ids, np.ndarray):
         if ids.dtype.kind not in "iu":
-            raise InvalidInputError(
-                f"{what}: b'ids' has dtype {ids.dtype}, expected an integer dtype"
-            )
+            raise InvalidInputError(f"{what}: b'ids' has dtype {ids.dtype}, expected an integer "
+                                    "dtype")
         if ids.ndim != 1:
             raise InvalidInputError(f"{what}: b'ids' has shape {ids.shape}, expected (N,)")
         if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
             raise InvalidInputError(f"{what}: b'ids' has a value outside int64")
         ids = ids.astype(np.int64, copy=False)
     else:
-        raise InvalidInputError(
-            f"{what}: b'ids' is a {type(ids).__name__}, expected a 1-D integer numpy array"
-        )
+        raise InvalidInputError(f"{what}: b'ids' is a {type(ids).__name__}, expected a 1-D integer "
+                                "numpy array")
     if len(ids) != n:
         raise InvalidInputError(f"{what}: b'ids' has {len(ids)} entries but b'data' has {n} images")
     uniq, counts = np.unique(ids, return_counts=True)

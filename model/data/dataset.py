@@ -21,9 +21,8 @@ class Dataset:
     source: str  # as given
 
 
-def _stratified_pick(
-    labels: np.ndarray, k: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_pick(labels: np.ndarray, k: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(rest, picked): k rows drawn per class in proportion, largest-remainder rounding."""
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * k / len(labels)
@@ -32,14 +31,10 @@ def _stratified_pick(
     # Stable sort: equal remainders go to the lower class id, so the result is reproducible.
     order = np.argsort(-(exact - quota), kind="stable")
     quota[order[:short]] += 1
-    picked = []
-    for cls, q in zip(classes, quota, strict=True):
-        rows = np.flatnonzero(labels == cls)
-        picked.append(rng.permutation(rows)[:q])
-    picked_idx = np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[picked_idx] = False
-    return np.flatnonzero(mask).astype(np.int64), picked_idx.astype(np.int64)
+    picked = [rng.permutation(np.flatnonzero(labels == cls))[:q]
+              for cls, q in zip(classes, quota, strict=True)]
+    picked = np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.empty(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels), dtype=np.int64), picked, assume_unique=True), picked
 
 
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,9 +47,8 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
         raise InvalidInputError(f"val_size must be a non-negative integer, got {val_size!r}")
     n = len(labels)
     if val_size >= n:
-        raise InvalidInputError(
-            f"val_size={val_size} leaves no training rows out of {n}; pass a smaller val_size"
-        )
+        raise InvalidInputError(f"val_size={val_size} leaves no training rows out of {n}; "
+                                "pass a smaller val_size")
     if val_size == 0:
         return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
     return _stratified_pick(labels, int(val_size), np.random.default_rng(seed))
@@ -65,10 +59,9 @@ def _subset(split: Split, train_size: int, seed: int) -> Split:
     if isinstance(train_size, bool) or not isinstance(train_size, int | np.integer):
         raise InvalidInputError(f"train_size must be an integer or None, got {train_size!r}")
     if train_size <= 0 or train_size > n:
-        raise InvalidInputError(
-            f"train_size={train_size} is outside 1..{n}, the training rows left after the "
-            "validation hold-out; pass a smaller train_size or None for all"
-        )
+        raise InvalidInputError(f"train_size={train_size} is outside 1..{n}, the training rows "
+                                "left after the validation hold-out; pass a smaller train_size "
+                                "or None for all")
     if train_size == n:
         return split
     # A seed stream of its own, so that the subset does not echo the validation draw.
@@ -91,9 +84,7 @@ def load_dataset(
     val = Split(raw.train_images[val_idx], raw.train_labels[val_idx])
     if train_size is not None:
         train = _subset(train, train_size, seed)
-    test = None
-    if raw.test_images is not None and raw.test_labels is not None:
-        test = Split(raw.test_images, raw.test_labels)
-    return Dataset(
-        train=train, val=val, test=test, classes=raw.classes, digest=raw.digest, source=source
-    )
+    has_test = raw.test_images is not None and raw.test_labels is not None
+    test = Split(raw.test_images, raw.test_labels) if has_test else None
+    return Dataset(train=train, val=val, test=test, classes=raw.classes, digest=raw.digest,
+                   source=source)

@@ -46,10 +46,8 @@ def _decode_chunk(start: int, blobs: list[bytes | None]) -> np.ndarray:
         except InvalidInputError:
             raise
         except UnidentifiedImageError:
-            raise InvalidInputError(
-                f"row {row}: cannot decode image: not a PNG or JPEG image "
-                f"({len(blob)} bytes starting {blob[:8]!r})"
-            ) from None
+            raise InvalidInputError(f"row {row}: cannot decode image: not a PNG or JPEG image "
+                                    f"({len(blob)} bytes starting {blob[:8]!r})") from None
         except Exception as e:
             raise InvalidInputError(f"row {row}: cannot decode image: {e}") from e
     return out

@@ -85,13 +85,11 @@ def _blob_column(schema: Any, source: str) -> str:
     if pa.types.is_dictionary(blob_type):
         blob_type = blob_type.value_type
     if not (pa.types.is_binary(blob_type) or pa.types.is_large_binary(blob_type)):
-        raise InvalidInputError(
-            f"{source}: column `{path}` has type {blob_type}, expected struct<bytes> or binary"
-        )
+        raise InvalidInputError(f"{source}: column `{path}` has type {blob_type}, expected "
+                                "struct<bytes> or binary")
     if not pa.types.is_integer(schema.field("label").type):
-        raise InvalidInputError(
-            f"{source}: column `label` has type {schema.field('label').type}, expected integers"
-        )
+        raise InvalidInputError(f"{source}: column `label` has type {schema.field('label').type}, "
+                                "expected integers")
     return path
 
 
@@ -115,20 +113,18 @@ def _batch_rows(path: Path, metadata: Any, blob_path: str, cap: int, source: str
     try:
         pages = page_sizes(path, metadata, [leaves[blob_path], leaves["label"]])
         if pages.uncompressed > cap:
-            raise InvalidInputError(
-                f"{source}: its pages decompress to {pages.uncompressed} bytes, more than the "
-                f"limit of {cap} for a {path.stat().st_size}-byte file; refused unread"
-            )
+            raise InvalidInputError(f"{source}: its pages decompress to {pages.uncompressed} "
+                                    f"bytes, more than the limit of {cap} for a "
+                                    f"{path.stat().st_size}-byte file; refused unread")
         largest = 1
         for page in pages.dictionaries:
             if page.leaf != leaves[blob_path]:
                 continue
             entry = largest_entry(path, page)
             if entry is not None and entry > MAX_IMAGE_BYTES:
-                raise InvalidInputError(
-                    f"{source}: its dictionary holds an image of {entry} bytes, more than the "
-                    f"limit of {MAX_IMAGE_BYTES}; refused unread"
-                )
+                raise InvalidInputError(f"{source}: its dictionary holds an image of {entry} "
+                                        f"bytes, more than the limit of {MAX_IMAGE_BYTES}; refused "
+                                        "unread")
             largest = max(largest, page.uncompressed if entry is None else entry)
     except (PageError, OSError) as e:
         raise InvalidInputError(f"{source}: cannot read the Parquet pages: {e}") from e
@@ -183,16 +179,14 @@ def read_parquet(path: Path, source: str) -> RawData:
             lengths = _lengths(col)
             if lengths.size and lengths.max() > MAX_IMAGE_BYTES:
                 first = int(np.argmax(lengths > MAX_IMAGE_BYTES))
-                raise InvalidInputError(
-                    f"{source}: row {row + first}: the image is {int(lengths[first])} bytes, "
-                    f"more than the limit of {MAX_IMAGE_BYTES}"
-                )
+                raise InvalidInputError(f"{source}: row {row + first}: the image is "
+                                        f"{int(lengths[first])} bytes, more than the limit of "
+                                        f"{MAX_IMAGE_BYTES}")
             total += int(lengths.sum())
             if total > cap:
-                raise InvalidInputError(
-                    f"{source}: its images take more than {cap} bytes, the limit for a "
-                    f"{size}-byte file; refused after {row + len(batch)} rows"
-                )
+                raise InvalidInputError(f"{source}: its images take more than {cap} bytes, the "
+                                        f"limit for a {size}-byte file; refused after "
+                                        f"{row + len(batch)} rows")
             blobs.extend(col.to_pylist())
             del batch, img, col  # before the next batch is built, not after
     except (pa.ArrowException, OSError) as e:

@@ -34,11 +34,10 @@ _CACHE_FORMAT = 1
 _DEFAULT_CACHE_DIR = "~/.cache/cifar-pipeline"
 _HASH_CHUNK = 8 * 2**20
 
-_ACCEPTED_SOURCES = (
-    "accepted sources: a cifar-10-python folder (data_batch_1..5, test_batch, batches.meta), "
-    "its .tar.gz, a Parquet file with columns `img` (PNG/JPEG bytes) and `label`, or "
-    "'torchvision[:root]'; files as a local path, file:// or s3:// URI"
-)
+_ACCEPTED_SOURCES = ("accepted sources: a cifar-10-python folder "
+                     "(data_batch_1..5, test_batch, batches.meta), its .tar.gz, a Parquet file "
+                     "with columns `img` (PNG/JPEG bytes) and `label`, or 'torchvision[:root]'; "
+                     "files as a local path, file:// or s3:// URI")
 
 _log = logging.getLogger(__name__)
 
@@ -148,20 +147,17 @@ def _torchvision_folder(source: str, cache: Path) -> Path:
     try:
         from torchvision.datasets import CIFAR10
     except ImportError as e:
-        raise InvalidInputError(
-            f"source {source!r} needs torchvision installed ({e}); or pass a local path or "
-            "s3:// URI of the data instead"
-        ) from e
+        raise InvalidInputError(f"source {source!r} needs torchvision installed ({e}); or pass a "
+                                "local path or s3:// URI of the data instead") from e
     try:
         # Downloads the archive once, then only verifies checksums; the batches are then read
         # by this package like any other folder (restricted unpickling, cache, digest).
         CIFAR10(str(root), train=False, download=True)
     except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
-        raise InvalidInputError(
-            f"could not fetch CIFAR-10 through torchvision into {root}: {e}. The machine looks "
-            "offline (or the download site is unreachable): pass a local path or an s3:// URI "
-            "of the cifar-10-python folder, its .tar.gz or a Parquet file as the source instead"
-        ) from e
+        raise InvalidInputError(f"could not fetch CIFAR-10 through torchvision into {root}: {e}. "
+                                "The machine looks offline (or the download site is unreachable): "
+                                "pass a local path or an s3:// URI of the cifar-10-python folder, "
+                                "its .tar.gz or a Parquet file as the source instead") from e
     return root / BATCH_DIR
 
 

@@ -223,10 +223,8 @@ def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
     def step(self: _RestrictedUnpickler) -> None:
         self.opcodes_left -= 1
         if self.opcodes_left < 0:
-            raise Refused(
-                f"holds more than {self.max_opcodes} pickle opcodes, the limit for a "
-                f"{self.size}-byte file; a genuine file needs far fewer"
-            )
+            raise Refused(f"holds more than {self.max_opcodes} pickle opcodes, the limit for a "
+                          f"{self.size}-byte file; a genuine file needs far fewer")
         handler(self)
 
     return step
@@ -267,19 +265,15 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc
         """Account for `nbytes` about to be copied; refuse before the copy if over budget."""
         self.copy_left -= nbytes
         if self.copy_left < 0:
-            raise Refused(
-                f"copies more than {self.max_copy} bytes of array data, the limit for a "
-                f"{self.size}-byte file; a genuine file copies each array at most twice"
-            )
+            raise Refused(f"copies more than {self.max_copy} bytes of array data, the limit for a "
+                          f"{self.size}-byte file; a genuine file copies each array at most twice")
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return self._allowed[(module, name)]
         except (KeyError, TypeError):
-            raise Refused(
-                f"refuses to load global {clip(f'{module}.{name}')}; only numpy arrays may "
-                "be reconstructed from this file"
-            ) from None
+            raise Refused(f"refuses to load global {clip(f'{module}.{name}')}; only numpy arrays "
+                          "may be reconstructed from this file") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise Refused("refuses a persistent id; the file must be self-contained")

@@ -27,10 +27,8 @@ def validate_key(key: str) -> str:
         raise ConfigError(f"storage key {key!r} is absolute; keys are relative to the store")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
-            raise ConfigError(
-                f"storage key {key!r} has an empty, '.' or '..' segment; "
-                "use plain names like 'runs/abc/model.pt'"
-            )
+            raise ConfigError(f"storage key {key!r} has an empty, '.' or '..' segment; use plain "
+                              "names like 'runs/abc/model.pt'")
     return key
 
 
@@ -92,10 +90,8 @@ def parse_store_uri(uri: str) -> tuple[str, str, str]:
     if scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise ConfigError(
-                f"storage URI {uri!r} is not an absolute file URI "
-                f"(file:///absolute/path): use {_ACCEPTED}"
-            )
+            raise ConfigError(f"storage URI {uri!r} is not an absolute file URI "
+                              f"(file:///absolute/path): use {_ACCEPTED}")
         return "file", path, ""
     raise ConfigError(f"unsupported storage URI {uri!r}: use {_ACCEPTED}")
 

@@ -25,26 +25,21 @@ class LocalStore(ObjectStore):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(
-                f"cannot create storage directory {self.root}: {e.strerror}; "
-                "check the path and its permissions"
-            ) from e
+            raise StorageError(f"cannot create storage directory {self.root}: {e.strerror}; check "
+                               "the path and its permissions") from e
         self.uri_prefix = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
     def _os_error(self, action: str, key: str, e: OSError) -> StorageError:
-        return StorageError(
-            f"{action} {self.uri(key)} failed: {e.strerror or e}; "
-            f"check that {self.root} is writable and has free space"
-        )
+        return StorageError(f"{action} {self.uri(key)} failed: {e.strerror or e}; check that "
+                            f"{self.root} is writable and has free space")
 
     def _layout_error(self, key: str, e: OSError) -> StorageError:
-        return StorageError(
-            f"cannot put {self.uri(key)}: it is a prefix of other keys, or one of its "
-            f"parents is already an object ({e.strerror}); a local store cannot hold both"
-        )
+        return StorageError(f"cannot put {self.uri(key)}: it is a prefix of other keys, or one of "
+                            f"its parents is already an object ({e.strerror}); a local store "
+                            "cannot hold both")
 
     def _publish(self, key: str, write: Callable[[IO[bytes]], object], if_absent: bool) -> str:
         target = self._path(key)
@@ -61,10 +56,8 @@ class LocalStore(ObjectStore):
         except OSError as e:
             # os.link names both paths in its error; nothing else here does.
             if if_absent and e.filename2 is not None:
-                raise StorageError(
-                    f"conditional put of {self.uri(key)} needs hard links, which the "
-                    f"filesystem under {self.root} refused: {e.strerror}"
-                ) from e
+                raise StorageError(f"conditional put of {self.uri(key)} needs hard links, which "
+                                   f"the filesystem under {self.root} refused: {e.strerror}") from e
             raise self._os_error("put", key, e) from e
         log.debug("stored %s", self.uri(key))
         return self.uri(key)
