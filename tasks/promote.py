@@ -177,11 +177,8 @@ def publish(results: list[VariantResult], decision: Promotion) -> None:
 def _emit_promoted(decision: Promotion) -> None:
     from prefect.events import emit_event
 
-    emit_event(
-        event=PROMOTED_EVENT,
-        resource={"prefect.resource.id": f"mlflow.model.{REGISTERED_MODEL}",
-                  "prefect.resource.name": REGISTERED_MODEL},
-        payload={"version": decision.champion_version,
-                 "model_uri": CHAMPION_URI,
-                 "previous_version": decision.previous_version},
-    )
+    emit_event(event=PROMOTED_EVENT,
+               resource={"prefect.resource.id": f"mlflow.model.{REGISTERED_MODEL}",
+                         "prefect.resource.name": REGISTERED_MODEL},
+               payload={"version": decision.champion_version, "model_uri": CHAMPION_URI,
+                        "previous_version": decision.previous_version})

@@ -120,9 +120,8 @@ def _read_cache(path: Path) -> RawData | None:
             if int(z["format"]) != _CACHE_FORMAT:
                 raise ValueError(f"cache format {int(z['format'])}")
             train_images, train_labels = z["train_images"], z["train_labels"]
-            has_test = "test_images" in z.files
-            test_images = z["test_images"] if has_test else None
-            test_labels = z["test_labels"] if has_test else None
+            test_images, test_labels = ((z["test_images"], z["test_labels"])
+                                        if "test_images" in z.files else (None, None))
             classes = tuple(str(c) for c in z["classes"].tolist())
             digest = str(z["digest"])
         check_arrays(train_images, train_labels, "train")
@@ -162,11 +161,8 @@ def _torchvision_folder(source: str, cache: Path) -> Path:
 
 
 def _decode_source(path: Path, kind: str, source: str) -> RawData:
-    if kind == "folder":
-        return read_folder(path, source)
-    if kind == "tarball":
-        return read_tarball(path, source)
-    return read_parquet(path, source)
+    readers = {"folder": read_folder, "tarball": read_tarball, "parquet": read_parquet}
+    return readers[kind](path, source)
 
 
 class SharedCache(Protocol):
