@@ -65,12 +65,10 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> str:
 
 def load_weights(model: nn.Module, path: str | os.PathLike, expected_sha256: str | None = None):
     """Load a state_dict written by `save_weights` into `model`, checking its checksum first."""
-    if expected_sha256 is not None:
-        actual = file_sha256(path)
-        if actual != expected_sha256:
-            raise CheckpointError(
-                f"{path} has sha256 {actual}, but {expected_sha256} was recorded when it was "
-                "written: the file was changed or corrupted, refusing to load it")
+    if expected_sha256 is not None and (actual := file_sha256(path)) != expected_sha256:
+        raise CheckpointError(
+            f"{path} has sha256 {actual}, but {expected_sha256} was recorded when it was "
+            "written: the file was changed or corrupted, refusing to load it")
     state = load(path)
     try:
         model.load_state_dict(state)

@@ -56,8 +56,7 @@ class _Compact:
     nested structs are kept, everything else is skipped."""
 
     def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-        self.pos = 0
+        self.buf, self.pos = buf, 0
 
     def byte(self) -> int:
         if self.pos >= len(self.buf):
