@@ -191,8 +191,11 @@ class GraphedStep:
         finally:
             model.load_state_dict(weights)
             for p, state in optimizer.state.items():
-                for k, v in state.items():  # a fresh Adam's state (not in moments) is zero
-                    v.copy_(moments[p][k]) if p in moments else v.zero_()
+                for k, v in state.items():
+                    if p in moments:
+                        v.copy_(moments[p][k])
+                    else:  # a fresh Adam: its state starts at zero
+                        v.zero_()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.loader.batch(self.index)  # the default generator: see the class

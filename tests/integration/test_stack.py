@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import boto3
 import psutil
 import pytest
 
+from infra.services import port_free
 from tests.conftest import stack_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,16 +131,6 @@ def _listening(port: int) -> list[str]:
                 if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                     found.append(address)
     return found
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -401,7 +391,7 @@ def test_down_stops_every_process_it_started_frees_the_ports_and_keeps_the_data(
         bystander.kill()
         bystander.wait()
     for name, port in stack.config["ports"].items():
-        assert _port_free(port), (name, port)
+        assert port_free(port), (name, port)
     assert (stack.root / "postgres" / "PG_VERSION").is_file()
     assert list((stack.root / "s3").iterdir())
     assert stack.run("status").returncode == 1
